@@ -162,5 +162,19 @@ def demo(folder: Path, overwrite: bool) -> None:
     run_demo(folder, overwrite=overwrite, console=console)
 
 
+# Commands that live in lorasurgery/commands/<name>.py, each defining a click command named `command`.
+# A command is listed here only once its operation is complete (nothing half-done appears in --help).
+COMMANDS: tuple[str, ...] = ()
+
+
+def _register() -> None:
+    import importlib
+
+    for name in COMMANDS:
+        main.add_command(importlib.import_module(f"lorasurgery.commands.{name}").command)
+
+
+_register()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from .arch import real_table
 from .arch.detect import detect_checkpoint
 from .formats.keys import looks_like_lora
 from .formats.read import SCHEME_TITLES, LoraIndex, index_lora
@@ -79,7 +78,7 @@ def _lora_report(idx: LoraIndex) -> dict[str, Any]:
         elif m.rank is not None:
             alphas["absent (scale 1)"] += 1
     comps = Counter()
-    table = {mod.key: mod for mod in real_table(idx.arch).modules} if idx.arch else {}
+    table = {mod.key: mod for mod in idx.table.modules} if idx.table else {}
     for m in idx.modules:
         mod = table.get(m.target.module)
         comps[mod.component if mod else "?"] += 1
@@ -104,7 +103,7 @@ def block_norms(idx: LoraIndex) -> list[dict[str, Any]]:
     """‖ΔW‖_F per block (scale included), in the order of the architecture's full block layout."""
     if idx.arch is None:
         return []
-    table = {mod.key: mod for mod in real_table(idx.arch).modules}
+    table = {mod.key: mod for mod in idx.table.modules}
     sq: dict[str, float] = defaultdict(float)
     count: Counter[str] = Counter()
     for m, d in idx.deltas():
@@ -114,7 +113,7 @@ def block_norms(idx: LoraIndex) -> list[dict[str, Any]]:
         count[block] += 1
     from .blocks import arch_layouts
 
-    order = list(_full_layout_ids(idx.arch, arch_layouts)) + ["OTHER"]
+    order = list(_full_layout_ids(idx.arch, idx.table, arch_layouts)) + ["OTHER"]
     rows = []
     for b in order:
         if b in count or b != "OTHER":
@@ -122,10 +121,8 @@ def block_norms(idx: LoraIndex) -> list[dict[str, Any]]:
     return rows
 
 
-def _full_layout_ids(arch: str, arch_layouts) -> list[str]:
-    depth = None
-    if arch == "sd3":
-        depth = sum(1 for m in real_table(arch).modules if m.key.endswith("x_block.attn.qkv.weight"))
+def _full_layout_ids(arch: str, table, arch_layouts) -> list[str]:
+    depth = table.config.get("depth") if arch == "sd3" else None
     full, layouts = arch_layouts(arch, depth) if depth else arch_layouts(arch)
     return list(layouts[full]) if isinstance(layouts, dict) else list(full)
 

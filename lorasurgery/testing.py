@@ -52,6 +52,8 @@ def to_layout(ref: Mapping[str, torch.Tensor], table: ModelTable, layout: str) -
             continue
         if rk in lay.swapped:
             t = swap_halves(t)
+        if rk in lay.transposed:
+            t = t.T
         for fk, rows in entries:
             out[fk] = (t if rows is None else t[rows[0]:rows[1]]).clone()
     return out

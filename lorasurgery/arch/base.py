@@ -86,12 +86,15 @@ class Layout:
     ``rows=None`` (the whole tensor). A fused reference weight stored split in this layout (diffusers FLUX
     ``to_q``/``to_k``/``to_v``) maps to several entries, each with the row range it holds. A reference key
     absent from the map is absent from files of this layout. ``swapped`` lists reference keys whose two row
-    halves are swapped in this layout (adaLN final layers in diffusers).
+    halves are swapped in this layout (adaLN final layers in diffusers). ``transposed`` lists reference keys
+    whose file tensor in this layout is the transpose of the reference tensor (OpenCLIP ``text_projection``
+    stored as the HF Linear ``text_projection.weight`` in diffusers).
     """
 
     name: str  # "ldm", "sgm", "diffusers", "bfl", "comfy", "sd3"
     key_map: Mapping[str, tuple[tuple[str, tuple[int, int] | None], ...]]
     swapped: frozenset[str] = frozenset()
+    transposed: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -665,6 +665,7 @@ def assemble(arch: str, config: Mapping[str, object], components: Sequence[objec
     tensors: dict[str, Shape] = {}
     modules: list[ModuleSpec] = []
     dmap: dict[str, FileKeys] = {}
+    transposed: set[str] = set()
     for comp in components:
         if comp is None:
             continue
@@ -674,11 +675,13 @@ def assemble(arch: str, config: Mapping[str, object], components: Sequence[objec
         tensors.update(comp.tensors)  # type: ignore[attr-defined]
         modules.extend(comp.modules)  # type: ignore[attr-defined]
         dmap.update(comp.diffusers_map)  # type: ignore[attr-defined]
+        transposed.update(getattr(comp, "transposed", ()))
     identity = {k: ((k, None),) for k in tensors}
     return ModelTable(
         arch=arch,
         config=config,
         tensors=tensors,
         modules=tuple(modules),
-        layouts={reference_layout: Layout(reference_layout, identity), "diffusers": Layout("diffusers", dmap)},
+        layouts={reference_layout: Layout(reference_layout, identity),
+                 "diffusers": Layout("diffusers", dmap, transposed=frozenset(transposed))},
     )

@@ -160,18 +160,44 @@ def _add_xlabs(path: str, mod: ModuleSpec, out: dict[str, NameEntry]) -> None:
 
 
 @lru_cache(maxsize=None)
-def names_for_arch(arch: str) -> dict[str, NameEntry]:
-    """Name lookup for an architecture's released model(s) (cached)."""
+def variant_tables(arch: str) -> tuple[ModelTable, ...]:
+    """Tables of an architecture's released variants, the main release first (cached)."""
     from ..arch import get_arch
 
     spec = get_arch(arch)
+    return tuple(spec.build(cfg) for cfg in spec_configs(spec))
+
+
+@lru_cache(maxsize=None)
+def _names_of_table(arch: str, index: int) -> dict[str, NameEntry]:
+    return build_names(arch, variant_tables(arch)[index])[0]
+
+
+def names_of(arch: str, table: ModelTable | None = None) -> dict[str, NameEntry]:
+    """Name lookup for ``table`` (default: the main release of ``arch``)."""
+    if table is None:
+        return _names_of_table(arch, 0)
+    for i, t in enumerate(variant_tables(arch)):
+        if t is table:
+            return _names_of_table(arch, i)
+    return build_names(arch, table)[0]
+
+
+@lru_cache(maxsize=None)
+def names_for_arch(arch: str) -> dict[str, NameEntry]:
+    """Every name any released variant of ``arch`` uses (cached); for recognising files."""
     names: dict[str, NameEntry] = {}
-    for cfg in spec_configs(spec):
-        table = spec.build(cfg)
-        found, _ = build_names(arch, table)
-        for k, v in found.items():
+    for i in range(len(variant_tables(arch))):
+        for k, v in _names_of_table(arch, i).items():
             names.setdefault(k, v)
     return names
+
+
+def best_table(arch: str, module_names: list[str]) -> ModelTable:
+    """The released variant whose names cover most of ``module_names`` (the main release on ties)."""
+    tables = variant_tables(arch)
+    scores = [sum(1 for n in module_names if n in _names_of_table(arch, i)) for i in range(len(tables))]
+    return tables[max(range(len(tables)), key=lambda i: (scores[i], -i))]
 
 
 def spec_configs(spec) -> list[Mapping[str, object]]:

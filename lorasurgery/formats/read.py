@@ -19,10 +19,11 @@ import torch
 
 from .. import delta as deltas
 from ..arch import ARCH_NAMES, real_table
+from ..arch.base import ModelTable
 from ..errors import InputError
 from ..io.reader import TensorSource, open_source
 from .keys import SplitKey, split_keys
-from .names import NameEntry, Target, names_for_arch
+from .names import NameEntry, Target, best_table, names_for_arch, names_of
 
 SCHEME_TITLES = {
     "kohya": "kohya",
@@ -58,6 +59,7 @@ class LoraIndex:
     path: Path
     source: TensorSource
     arch: str | None
+    table: ModelTable | None  # the model the module names were resolved against
     key_format: str | None  # dominant scheme
     modules: list[LoraModule]
     metadata: dict[str, str]
@@ -189,8 +191,15 @@ def detect_lora_arch(module_names: list[str], shapes: Mapping[str, tuple[int, ..
     return tied[0], scores
 
 
-def index_lora(path: str | Path, *, arch: str | None = None, source: TensorSource | None = None) -> LoraIndex:
-    """Recognise a LoRA file from its header (no tensor data read)."""
+def index_lora(path: str | Path, *, arch: str | None = None, source: TensorSource | None = None,
+               table: ModelTable | None = None) -> LoraIndex:
+    """Recognise a LoRA file from its header (no tensor data read).
+
+    ``table`` resolves module names against a concrete model (the base checkpoint of a bake, a tiny
+    model); by default the released variant of the detected architecture that knows most names is used.
+    """
+    if table is not None:
+        arch = table.arch
     src = source or open_source(path)
     keys = list(src.keys())
     shapes_all = src.shapes()
@@ -206,8 +215,10 @@ def index_lora(path: str | Path, *, arch: str | None = None, source: TensorSourc
         arch, scores = detect_lora_arch(list(groups), down_shapes)
     else:
         scores = {}
-    names: dict[str, NameEntry] = names_for_arch(arch) if arch else {}
-    swapped_mods = {m.key for m in real_table(arch).modules if "diffusers" in m.swapped_in} if arch else set()
+    if arch is not None and table is None:
+        table = best_table(arch, list(groups))
+    names: dict[str, NameEntry] = names_of(arch, table) if arch else {}
+    swapped_mods = {m.key for m in table.modules if "diffusers" in m.swapped_in} if table else set()
     modules: list[LoraModule] = []
     unmatched: dict[str, list[str]] = {}
     schemes: Counter[str] = Counter()
@@ -237,7 +248,7 @@ def index_lora(path: str | Path, *, arch: str | None = None, source: TensorSourc
             raise InputError("header key 'lora_adapter_metadata' is not valid JSON", path) from None
     key_format = schemes.most_common(1)[0][0] if schemes else None
     _check_targets_unique(modules, path)
-    return LoraIndex(Path(path), src, arch, key_format, modules, meta, unmatched, foreign, unknown, scores, peft_alpha)
+    return LoraIndex(Path(path), src, arch, table, key_format, modules, meta, unmatched, foreign, unknown, scores, peft_alpha)
 
 
 def _check_targets_unique(modules: list[LoraModule], path) -> None:

@@ -24,6 +24,7 @@ import torch
 from .. import delta as deltas
 from ..arch.base import ModelTable, ModuleSpec
 from ..errors import PlanError
+from .dense import module_shape, part_rows
 from .names import Target
 
 FORMATS = ("kohya", "peft")
@@ -72,35 +73,10 @@ def _factor_shape(mod: ModuleSpec, rows: int, rank: int, which: str) -> tuple[in
     return (rank, in_dim)
 
 
-def _part_rows(mod: ModuleSpec, out_actual: int) -> dict[str, tuple[int, int]]:
-    """Row ranges of the parts for the actual out-size (parts scale proportionally with the model)."""
-    total = mod.shape[0]
-    f = out_actual / total
-    rows = {}
-    for p in mod.parts:
-        a, b = p.start * f, p.stop * f
-        if a != int(a) or b != int(b):
-            raise PlanError(f"{mod.key}: out size {out_actual} does not split into parts like {total}")
-        rows[p.name] = (int(a), int(b))
-    return rows
-
-
-def _infer_out(mod: ModuleSpec, items: Mapping[Target, deltas.Delta]) -> int:
-    """Out size of a fused module from whichever of its pieces are present."""
-    for t, d in items.items():
-        if not t.parts:
-            return d.out_features
-    # scale from the parts present
-    for t, d in items.items():
-        size = sum(mod.part(p).stop - mod.part(p).start for p in t.parts)
-        return d.out_features * mod.shape[0] // size
-    raise PlanError(f"{mod.key}: no pieces")
-
-
 def pieces_of(mod: ModuleSpec, items: Mapping[Target, deltas.Delta]) -> tuple[int, list[Piece]]:
     """Low-rank pieces of every item addressing ``mod`` (whole or parts), with row offsets."""
-    out = _infer_out(mod, items)
-    rows = _part_rows(mod, out) if mod.parts else {}
+    out = module_shape(mod, items)[0]
+    rows = part_rows(mod, out) if mod.parts else {}
     pieces = []
     for t, d in sorted(items.items(), key=lambda kv: kv[0].id):
         if not isinstance(d, deltas.LowRank):
@@ -150,22 +126,41 @@ def _emit_pair(name: str, mod: ModuleSpec, up: torch.Tensor, down: torch.Tensor,
     return out
 
 
+def has_name(mod: ModuleSpec, fmt: str) -> bool:
+    """Whether format ``fmt`` can name this module (whole, or through its parts)."""
+    scheme = "kohya" if fmt == "kohya" else "diffusers"
+    return bool(mod.names.get(scheme)) or bool(mod.parts) and all(p.names.get(scheme) for p in mod.parts)
+
+
 def lora_tensors(items: Mapping[Target, deltas.Delta], table: ModelTable, fmt: str, *,
-                 dtype: torch.dtype | None = None, include: Iterable[str] | None = None
+                 dtype: torch.dtype | None = None, dropped: list[str] | None = None,
                  ) -> list[tuple[str, torch.Tensor]]:
     """The tensors of a LoRA file holding ``items`` in format ``fmt`` ("kohya" or "peft").
 
     Tensors are sorted by name, so the same input always gives the same file. ``dtype`` defaults to the
-    widest floating dtype of the inputs (alpha stays float32).
+    widest floating dtype of the inputs (alpha stays float32). Modules the format has no name for (e.g.
+    ``text_projection`` or a diffusers-less SD2 text-encoder layer in PEFT) raise :class:`PlanError`
+    listing them, unless a ``dropped`` list is given: then they are left out and appended to it.
     """
     if fmt not in FORMATS:
         raise PlanError(f"unknown LoRA format {fmt!r}; expected one of {', '.join(FORMATS)}")
     mods = {m.key: m for m in table.modules}
     by_module: dict[str, dict[Target, deltas.Delta]] = defaultdict(dict)
+    unnamed: list[str] = []
     for t, d in items.items():
         if t.module not in mods:
             raise PlanError(f"{t.id} is not a module of this {table.arch} model")
+        if not has_name(mods[t.module], fmt):
+            unnamed.append(t.id)
+            continue
         by_module[t.module][t] = d
+    if unnamed:
+        if dropped is None:
+            raise PlanError(
+                f"{len(unnamed)} modules have no name in the {fmt} format, so no loader of that format would "
+                f"read them: {', '.join(sorted(unnamed)[:20])}{' …' if len(unnamed) > 20 else ''}. "
+                "Drop them explicitly (--drop-unsupported) or choose the other format.")
+        dropped.extend(sorted(unnamed))
     if dtype is None:
         dtype = _widest(items.values())
     # pairs: (name, mod, up, down) with scales folded
@@ -232,7 +227,7 @@ def _lowrank_pairs(mod: ModuleSpec, group: Mapping[Target, deltas.Delta], fmt: s
         raise PlanError(f"{mod.key} has no {scheme} name")
     # the format names the parts: split every piece onto the parts it covers (exact)
     out, pieces = pieces_of(mod, group)
-    rows = _part_rows(mod, out)
+    rows = part_rows(mod, out)
     result = []
     for p in mod.parts:
         a0, b0 = rows[p.name]
