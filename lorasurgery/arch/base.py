@@ -124,3 +124,6 @@ class ArchSpec:
     # Derive config from the shapes of a checkpoint given in reference-layout keys (after layout
     # normalisation). Returns None when the keys are not this architecture's.
     config_from_shapes: Callable[[Mapping[str, Shape]], Mapping[str, object] | None]
+    # Other released variants (FLUX schnell, SD3.5 Large/Medium, the SDXL refiner): their key sets and
+    # LoRA names are recognised too.
+    variant_configs: Callable[[], Sequence[Mapping[str, object]]] = lambda: ()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Mapping
 
-from . import ARCH_NAMES, get_arch, real_table
+from . import ARCH_NAMES, get_arch
 from .base import Layout, ModelTable
 
 Shape = tuple[int, ...]
@@ -74,8 +74,11 @@ def layout_inverses(table: ModelTable) -> dict[str, dict[str, tuple[str, tuple[i
 
 
 @lru_cache(maxsize=None)
-def _real_inverses(arch: str) -> dict[str, dict[str, tuple[str, tuple[int, int] | None]]]:
-    return layout_inverses(real_table(arch))
+def _variant_inverses(arch: str) -> tuple[dict[str, dict[str, tuple[str, tuple[int, int] | None]]], ...]:
+    """Layout inverses of every released variant of ``arch`` (main release first)."""
+    from ..formats.names import variant_tables
+
+    return tuple(layout_inverses(t) for t in variant_tables(arch))
 
 
 def to_reference_shapes(shapes: Mapping[str, Shape], inverse: Mapping[str, tuple[str, tuple[int, int] | None]]
@@ -103,26 +106,32 @@ def detect_checkpoint(shapes: Mapping[str, Shape]) -> Detection:
         return Detection("unknown", evidence=["the file holds no tensors"])
     candidates = []
     for arch in ARCH_NAMES:
-        for lname, inv in _real_inverses(arch).items():
-            hits = sum(1 for k in keys if k in inv)
-            if hits:
-                candidates.append((hits, arch, lname))
+        for variant, inverses in enumerate(_variant_inverses(arch)):
+            for lname, inv in inverses.items():
+                hits = sum(1 for k in keys if k in inv)
+                if hits:
+                    candidates.append((hits, arch, variant, lname))
     candidates.sort(key=lambda c: -c[0])
     accepted = []
-    for hits, arch, lname in candidates:
+    seen: set[tuple[str, str, str]] = set()
+    for hits, arch, variant, lname in candidates:
         spec = get_arch(arch)
-        ref_shapes = to_reference_shapes(shapes, _real_inverses(arch)[lname])
+        ref_shapes = to_reference_shapes(shapes, _variant_inverses(arch)[variant][lname])
         cfg = spec.config_from_shapes(ref_shapes)
         if cfg is None:
             continue
         table = spec.build(cfg)
         inv = layout_inverses(table)[lname]
         mapped = [k for k in keys if k in inv]
+        ident = (arch, lname, repr(sorted(map(str, cfg.items()))))
+        if ident in seen:
+            continue
+        seen.add(ident)
         accepted.append((len(mapped), arch, lname, cfg, table, [k for k in keys if k not in inv]))
     if not accepted:
         return Detection("unknown", evidence=[
             "no architecture's checkpoint layout matches these keys"
-            + (f" (closest: {candidates[0][1]} {candidates[0][2]}, {candidates[0][0]} of {len(keys)} keys)"
+            + (f" (closest: {candidates[0][1]} {candidates[0][3]}, {candidates[0][0]} of {len(keys)} keys)"
                if candidates else "")])
     accepted.sort(key=lambda a: -a[0])
     n, arch, lname, cfg, table, unmapped = accepted[0]

@@ -146,4 +146,5 @@ SDXL = ArchSpec(
     tiny_config=tiny_config,
     build=build,
     config_from_shapes=config_from_shapes,
+    variant_configs=lambda: (refiner_config(),),
 )

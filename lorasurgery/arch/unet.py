@@ -648,7 +648,9 @@ def openclip_config_from_shapes(shapes: Mapping[str, Shape], prefix: str, templa
         "hidden": tok[1], "layers": layers, "heads": heads_for_width(tok[1]), "intermediate": fc[0],
         "vocab": tok[0], "positions": pos[0], "projection": None if proj is None else proj[1],
         "logit_scale": f"{prefix}logit_scale" in shapes,
-        "diffusers_layers": layers - 1 if diffusers_drops_last else layers,
+        # A file re-assembled from a diffusers folder holds only the layers diffusers keeps (and no
+        # text_projection, which diffusers drops together with the last SD2 layer): all of them are kept.
+        "diffusers_layers": layers - 1 if diffusers_drops_last and proj is not None else layers,
     }
     table = openclip_text(prefix, cfg, component="te", block=None, kohya_prefix="te", diffusers_prefix="te")
     return cfg if table_matches(table.tensors, shapes) else None

@@ -202,8 +202,4 @@ def best_table(arch: str, module_names: list[str]) -> ModelTable:
 
 def spec_configs(spec) -> list[Mapping[str, object]]:
     """The configurations whose names a LoRA of this architecture may use (released variants)."""
-    configs = [spec.real_config()]
-    extra = getattr(spec, "name_configs", None)
-    if extra:
-        configs.extend(extra())
-    return configs
+    return [spec.real_config(), *spec.variant_configs()]
