@@ -102,14 +102,20 @@ def _random_lowrank(mod: ModuleSpec, rows: int, rank: int, alpha: float | None, 
     return LowRank(up=up, down=down, alpha=alpha)
 
 
+def trained_components(table: ModelTable) -> tuple[str, ...]:
+    """Components a typical LoRA trains: the denoiser and CLIP text encoders (T5 LoRAs are rare and few
+    loaders read them)."""
+    return tuple(sorted({m.component for m in table.modules if m.block != "T5"}))
+
+
 def tiny_lora(arch: str, fmt: str = "kohya", *, rank: int = 4, alpha: float | None = 2.0, seed: int = 1,
               groups: Iterable[str] = ("attn",), split_parts: bool = False, dtype: torch.dtype = torch.float32,
               config: Mapping[str, object] | None = None, components: Iterable[str] | None = None,
               ) -> list[tuple[str, torch.Tensor]]:
     """A tiny LoRA file's tensors for ``arch`` in ``fmt`` ("kohya" or "peft")."""
     table = tiny_table(arch, config)
-    items = tiny_lora_deltas(table, rank=rank, alpha=alpha, seed=seed, groups=groups,
-                             split_parts=split_parts, components=components)
+    items = tiny_lora_deltas(table, rank=rank, alpha=alpha, seed=seed, groups=groups, split_parts=split_parts,
+                             components=components if components is not None else trained_components(table))
     return lora_tensors(items, table, fmt, dtype=dtype)
 
 
