@@ -178,6 +178,7 @@ class StreamingWriter:
         self._placeholders = holders
         self._fill_sshs = fill_sshs_hashes
         self._filled: dict[str, str] = {}
+        self._filled_encoded: dict[str, tuple[str, bytes]] = {}
         self._check_specs()
         offsets: list[tuple[str, str, tuple[int, ...], int, int]] = []
         pos = 0
@@ -344,6 +345,23 @@ class StreamingWriter:
                               "ASCII characters without quotes or backslashes.", self.path)
         self._filled[key] = value
 
+    def fill_encoded(self, key: str, value: str) -> None:
+        """Give the final value of a placeholder metadata key whose value may hold any characters.
+
+        Unlike :meth:`fill`, ``value`` may contain quotes, backslashes and non-ASCII characters: its JSON
+        string encoding (without the surrounding quotes, UTF-8) must be exactly the reserved width in bytes.
+        This lets a JSON document whose only unknown part has a fixed width (a SHA-256 hex digest known only
+        after streaming an input) be reserved up front with a dummy of the same width.
+        """
+        if key not in self._placeholders:
+            raise OutputError(f"{self.path}: metadata key {key!r} was not reserved as a placeholder.", self.path)
+        w = self._placeholders[key]
+        encoded = _json(value)[1:-1] if isinstance(value, str) else b""
+        if not isinstance(value, str) or len(encoded) != w:
+            raise OutputError(f"{self.path}: value for placeholder {key!r} must encode to exactly {w} bytes of "
+                              f"JSON string content (got {len(encoded)}).", self.path)
+        self._filled_encoded[key] = (value, encoded)
+
     def _auto_fill(self) -> None:
         from .hashes import legacy_hash_of_layout
 
@@ -376,13 +394,17 @@ class StreamingWriter:
                                   "written.", self.path)
             if self._fill_sshs:
                 self._auto_fill()
-            unfilled = sorted(set(self._placeholders) - set(self._filled))
+            unfilled = sorted(set(self._placeholders) - set(self._filled) - set(self._filled_encoded))
             if unfilled:
                 raise OutputError(f"{self.path}: metadata placeholders {unfilled} were never filled; no output "
                                   "was written.", self.path)
             for k, v in self._filled.items():
                 self._f.seek(8 + self._value_at[k])
                 self._f.write(v.encode("ascii"))
+                self.metadata[k] = v
+            for k, (v, encoded) in self._filled_encoded.items():
+                self._f.seek(8 + self._value_at[k])
+                self._f.write(encoded)
                 self.metadata[k] = v
             self._f.flush()
             os.fsync(self._f.fileno())
