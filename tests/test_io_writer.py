@@ -267,12 +267,12 @@ def test_order_shape_dtype_errors(tmp_path):
     assert not out.exists()
 
 
-# ---------------------------------------------------------------------------------------------- placeholders
+# ---------------------------------------------------------------------------------------------- reserved values
 
-def test_placeholders_filled_in_place(tmp_path):
+def test_reserved_filled_in_place(tmp_path):
     out = tmp_path / "o.safetensors"
     specs = [TensorSpec("a", torch.float32, (4,))]
-    with StreamingWriter(out, specs, {"keep": "x", "tag": "stale"}, placeholder_metadata={"tag": 6}) as w:
+    with StreamingWriter(out, specs, {"keep": "x", "tag": "stale"}, reserved_metadata={"tag": 6}) as w:
         w.write("a", torch.arange(4.0))
         with pytest.raises(OutputError, match="exactly 6"):
             w.fill("tag", "short")
@@ -287,14 +287,14 @@ def test_placeholders_filled_in_place(tmp_path):
     assert out.read_bytes() == ref.read_bytes()  # deterministic: only the final values matter
 
 
-def test_unfilled_placeholder_fails(tmp_path):
+def test_unfilled_reserved_value_fails(tmp_path):
     out = tmp_path / "o.safetensors"
     with pytest.raises(OutputError, match="never filled"):
-        with StreamingWriter(out, [], placeholder_metadata={"h": 4}):
+        with StreamingWriter(out, [], reserved_metadata={"h": 4}):
             pass
     assert not out.exists() and leftovers(tmp_path) == []
-    with pytest.raises(OutputError, match="invalid metadata placeholder"):
-        StreamingWriter(out, [], placeholder_metadata={"h": 0})
+    with pytest.raises(OutputError, match="invalid metadata reserved value"):
+        StreamingWriter(out, [], reserved_metadata={"h": 0})
 
 
 def test_fill_sshs_hashes(tmp_path):

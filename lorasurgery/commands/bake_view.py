@@ -16,7 +16,6 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..blocks import OTHER
 from ..ops.bake import BakeReport
 
 WEAK_SHOWN = 10

@@ -10,12 +10,12 @@ place with ``os.replace`` only when every tensor was written and the ``with`` bl
 exception. On any exception (KeyboardInterrupt included) or missing tensor the temporary file is
 deleted and no output remains.
 
-**Placeholder metadata.** Some metadata values (the ``sshs_*`` hashes) are known only after all
-tensors are written. ``placeholder_metadata`` maps such keys to a fixed width ``w``: the header
+**Reserved value metadata.** Some metadata values (the ``sshs_*`` hashes) are known only after all
+tensors are written. ``reserved_metadata`` maps such keys to a fixed width ``w``: the header
 reserves the value as ``w`` ASCII ``0`` characters, and before the writer closes the caller supplies
 the final value with :meth:`StreamingWriter.fill`; it must be exactly ``w`` printable ASCII characters
 without ``"`` or ``\\`` (e.g. a 64-digit hex SHA-256), so its JSON encoding has the same length and
-the header is patched in place. A placeholder replaces any value of the same key in ``metadata``
+the header is patched in place. A reserved value replaces any value of the same key in ``metadata``
 (e.g. stale hashes copied from an input). The file therefore depends only on the final values and stays
 byte-deterministic. ``fill_sshs_hashes=True`` reserves and fills ``sshs_model_hash`` (64) and
 ``sshs_legacy_hash`` (8) automatically (``math.md`` section 12).
@@ -145,7 +145,7 @@ class StreamingWriter:
     output without ``overwrite``, an output that is one of ``inputs`` (or inside an input folder, or
     the same file through a link; refused even with ``overwrite``), a missing parent folder,
     non-string metadata, duplicate or invalid names, unsupported dtypes. See the module docstring for
-    placeholders and atomicity. After a successful close, :attr:`model_hash` holds the hex SHA-256 of
+    reserved values and atomicity. After a successful close, :attr:`model_hash` holds the hex SHA-256 of
     the data section (``sshs_model_hash``).
     """
 
@@ -157,25 +157,25 @@ class StreamingWriter:
         *,
         overwrite: bool = False,
         inputs: Sequence[str | Path] = (),
-        placeholder_metadata: Mapping[str, int] | None = None,
+        reserved_metadata: Mapping[str, int] | None = None,
         fill_sshs_hashes: bool = False,
     ):
         self.path = Path(path)
         self.specs = list(specs)
         self._check_target(overwrite, inputs)
         meta = self._check_metadata(metadata)
-        holders = dict(placeholder_metadata or {})
+        holders = dict(reserved_metadata or {})
         if fill_sshs_hashes:
             for k, w in _SSHS_WIDTHS.items():
                 if holders.get(k, w) != w:
-                    raise OutputError(f"{self.path}: placeholder {k!r} must be {w} characters wide.", self.path)
+                    raise OutputError(f"{self.path}: reserved value {k!r} must be {w} characters wide.", self.path)
                 holders[k] = w
         for k, w in holders.items():
             if not isinstance(k, str) or not isinstance(w, int) or isinstance(w, bool) or w < 1:
-                raise OutputError(f"{self.path}: invalid metadata placeholder {k!r}: {w!r} (need a key and a "
+                raise OutputError(f"{self.path}: invalid metadata reserved value {k!r}: {w!r} (need a key and a "
                                   "positive width).", self.path)
             meta[k] = "0" * w
-        self._placeholders = holders
+        self._reserved = holders
         self._fill_sshs = fill_sshs_hashes
         self._filled: dict[str, str] = {}
         self._filled_encoded: dict[str, tuple[str, bytes]] = {}
@@ -335,30 +335,30 @@ class StreamingWriter:
         self._next += 1
 
     def fill(self, key: str, value: str) -> None:
-        """Give the final value of a placeholder metadata key (exactly its reserved width)."""
-        if key not in self._placeholders:
-            raise OutputError(f"{self.path}: metadata key {key!r} was not reserved as a placeholder.", self.path)
-        w = self._placeholders[key]
+        """Give the final value of a reserved value metadata key (exactly its reserved width)."""
+        if key not in self._reserved:
+            raise OutputError(f"{self.path}: metadata key {key!r} was not reserved as a reserved value.", self.path)
+        w = self._reserved[key]
         if (not isinstance(value, str) or len(value) != w
                 or not all(0x20 <= ord(c) < 0x7F and c not in '"\\' for c in value)):
-            raise OutputError(f"{self.path}: value {value!r} for placeholder {key!r} must be exactly {w} printable "
+            raise OutputError(f"{self.path}: value {value!r} for reserved value {key!r} must be exactly {w} printable "
                               "ASCII characters without quotes or backslashes.", self.path)
         self._filled[key] = value
 
     def fill_encoded(self, key: str, value: str) -> None:
-        """Give the final value of a placeholder metadata key whose value may hold any characters.
+        """Give the final value of a reserved value metadata key whose value may hold any characters.
 
         Unlike :meth:`fill`, ``value`` may contain quotes, backslashes and non-ASCII characters: its JSON
         string encoding (without the surrounding quotes, UTF-8) must be exactly the reserved width in bytes.
         This lets a JSON document whose only unknown part has a fixed width (a SHA-256 hex digest known only
         after streaming an input) be reserved up front with a dummy of the same width.
         """
-        if key not in self._placeholders:
-            raise OutputError(f"{self.path}: metadata key {key!r} was not reserved as a placeholder.", self.path)
-        w = self._placeholders[key]
+        if key not in self._reserved:
+            raise OutputError(f"{self.path}: metadata key {key!r} was not reserved as a reserved value.", self.path)
+        w = self._reserved[key]
         encoded = _json(value)[1:-1] if isinstance(value, str) else b""
         if not isinstance(value, str) or len(encoded) != w:
-            raise OutputError(f"{self.path}: value for placeholder {key!r} must encode to exactly {w} bytes of "
+            raise OutputError(f"{self.path}: value for reserved value {key!r} must encode to exactly {w} bytes of "
                               f"JSON string content (got {len(encoded)}).", self.path)
         self._filled_encoded[key] = (value, encoded)
 
@@ -379,7 +379,7 @@ class StreamingWriter:
             self.fill("sshs_legacy_hash", legacy_hash_of_layout(entries, ss_meta))
 
     def close(self) -> None:
-        """Finish: check all tensors were written, patch placeholders, fsync and move into place.
+        """Finish: check all tensors were written, patch reserved values, fsync and move into place.
 
         On any failure the temporary file is deleted and the error propagates.
         """
@@ -394,9 +394,9 @@ class StreamingWriter:
                                   "written.", self.path)
             if self._fill_sshs:
                 self._auto_fill()
-            unfilled = sorted(set(self._placeholders) - set(self._filled) - set(self._filled_encoded))
+            unfilled = sorted(set(self._reserved) - set(self._filled) - set(self._filled_encoded))
             if unfilled:
-                raise OutputError(f"{self.path}: metadata placeholders {unfilled} were never filled; no output "
+                raise OutputError(f"{self.path}: metadata reserved values {unfilled} were never filled; no output "
                                   "was written.", self.path)
             for k, v in self._filled.items():
                 self._f.seek(8 + self._value_at[k])

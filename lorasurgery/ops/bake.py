@@ -1216,7 +1216,7 @@ def execute(plan: BakePlan, progress: Callable[[int, int], None] | None = None) 
                 specs = [TensorSpec(n, plan.jobs[k].out_dtype, plan.jobs[k].info.shape) for k, n in zip(f.keys, f.names)]
                 w = StreamingWriter(target, specs, _file_metadata(plan, f),
                                     overwrite=plan.overwrite if tmp_dir is None else False, inputs=inputs,
-                                    placeholder_metadata={"lorasurgery.inputs": width},
+                                    reserved_metadata={"lorasurgery.inputs": width},
                                     fill_sshs_hashes=any(k.startswith("sshs_") for k in f.metadata))
                 stack.enter_context(w)
                 writers.append((target, w))
@@ -1321,7 +1321,7 @@ def _size(model: Model) -> int:
 
 
 def _file_metadata(plan: BakePlan, f: OutFile) -> dict[str, str]:
-    """The base file's metadata plus the provenance keys (``lorasurgery.inputs`` is a placeholder, filled with
+    """The base file's metadata plus the provenance keys (``lorasurgery.inputs`` is a reserved value, filled with
     the base's SHA-256 once it has streamed through)."""
     meta = {k: v for k, v in f.metadata.items() if not k.startswith("lorasurgery.")}
     prov = provenance(_input_rows(plan), plan.options, None, device=str(plan.device))
@@ -1545,7 +1545,7 @@ def _to_ref(job: FileJob, w: torch.Tensor) -> torch.Tensor:
     if job.transposed_file:
         w = w.T
     if job.swapped:
-        w = _unswap(w)
+        w = swap_halves(w)  # swapping the halves is its own inverse
     return w.contiguous()
 
 
