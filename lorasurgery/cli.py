@@ -40,9 +40,16 @@ class Group(click.Group):
 
 EPILOG = """\b
 Examples:
-  lorasurgery demo ./demo                      build tiny models and run every operation on them
-  lorasurgery inspect style.safetensors        what a LoRA or checkpoint is (header only)
-  lorasurgery inspect --blocks style.safetensors   ΔW norm per block
+  lorasurgery demo ./demo                                  tiny models of every architecture, every operation
+  lorasurgery inspect --blocks style.safetensors           what a file is; ΔW norm per block
+  lorasurgery merge style.safetensors:0.8 char.safetensors:0.6 -o mix.safetensors
+  lorasurgery merge style.safetensors:0.8 --base model.safetensors -o baked.safetensors
+  lorasurgery extract base.safetensors tuned.safetensors --rank 32
+  lorasurgery subtract after.safetensors before.safetensors -o diff.safetensors
+  lorasurgery resize style.safetensors --rank 16 -o style-r16.safetensors
+  lorasurgery convert style.safetensors --to peft -o style-peft.safetensors
+  lorasurgery validate recipes/*.yaml
+  lorasurgery run recipe.yaml --dry-run
 """
 
 
@@ -69,7 +76,7 @@ def _dist(d: dict) -> str:
     return ", ".join(f"{k} ×{v}" for k, v in d.items()) or "-"
 
 
-def render_inspect(report: dict) -> None:
+def render_inspect(report: dict, console: Console = console) -> None:
     t = Table(title=f"{Path(report['path']).name}", show_header=False, title_justify="left")
     t.add_column("field", style="bold")
     t.add_column("value")
@@ -109,10 +116,10 @@ def render_inspect(report: dict) -> None:
         console.print(mt)
     blocks = report.get("blocks")
     if blocks:
-        render_blocks(blocks)
+        render_blocks(blocks, console)
 
 
-def render_blocks(rows: list[dict]) -> None:
+def render_blocks(rows: list[dict], console: Console = console) -> None:
     top = max((r["norm"] for r in rows), default=0.0) or 1.0
     bt = Table(title="ΔW Frobenius norm per block", title_justify="left")
     bt.add_column("block")
@@ -164,7 +171,7 @@ def demo(folder: Path, overwrite: bool) -> None:
 
 # Commands that live in lorasurgery/commands/<name>.py, each defining a click command named `command`.
 # A command is listed here only once its operation is complete (nothing half-done appears in --help).
-COMMANDS: tuple[str, ...] = ()
+COMMANDS: tuple[str, ...] = ("merge", "extract", "subtract", "resize", "convert", "validate", "run")
 
 
 def _register() -> None:

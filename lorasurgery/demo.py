@@ -40,13 +40,26 @@ def _single_layout(spec) -> str:
 
 
 def run_demo(folder: Path, *, overwrite: bool = False, console: Console | None = None) -> None:
+    """Every operation on tiny models: inspect, bake, extract, LoRA algebra, and a recipe at the end."""
     from .cli import render_inspect
+    from .commands.bake_view import demo_bake
+    from .commands.extract import demo_extract
+    from .commands.merge import demo_algebra
+    from .commands.run import demo_recipe
 
     console = console or Console()
+    folder = Path(folder)
     console.rule("[bold]lorasurgery demo: tiny models of every architecture")
-    paths = build_demo_models(Path(folder), overwrite=overwrite)
+    paths = build_demo_models(folder, overwrite=overwrite)
     console.print(f"wrote {len(paths)} files to {folder}")
     for path in paths:
-        render_inspect(inspect_file(path))
-    sdxl_lora = Path(folder) / "sdxl-lora-kohya.safetensors"
-    render_inspect(inspect_file(sdxl_lora, blocks=True))
+        render_inspect(inspect_file(path), console=console)
+    render_inspect(inspect_file(folder / "sdxl-lora-kohya.safetensors", blocks=True), console=console)
+    console.rule("[bold]bake: a LoRA merged into a base checkpoint")
+    demo_bake(folder, console, overwrite=overwrite)
+    console.rule("[bold]extract: a LoRA from base and fine-tune")
+    worst = demo_extract(folder, console, overwrite=overwrite)
+    console.print(f"extraction reproduces the fine-tune's change within {worst:.2e} (relative, worst module)")
+    demo_algebra(folder, console, overwrite=overwrite)
+    demo_recipe(folder, console)
+    console.rule(f"[bold green]demo done: every file is in {folder}")

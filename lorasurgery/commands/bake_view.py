@@ -204,16 +204,11 @@ def demo_bake(folder: str | Path, console: Console | None = None, *, overwrite: 
     save(base_t, base)
     save(lora_tensors(items, table, "kohya"), lora)
     console.rule("[bold]bake: a tiny kohya LoRA into a tiny SD1 checkpoint (merge LORA:0.8 --base CKPT)")
-    previous = cli.console
-    cli.console = console  # render_inspect prints to the CLI's console
-    try:
-        console.print("[bold]before[/]")
-        cli.render_inspect(inspect_file(base))
-        report = bake(base, [WeightedInput(lora, 0.8)], out, overwrite=overwrite, device="cpu")
-        console.print("[bold]after[/]")
-        cli.render_inspect(inspect_file(out))
-    finally:
-        cli.console = previous
+    console.print("[bold]before[/]")
+    cli.render_inspect(inspect_file(base), console)
+    report = bake(base, [WeightedInput(lora, 0.8)], out, overwrite=overwrite, device="cpu")
+    console.print("[bold]after[/]")
+    cli.render_inspect(inspect_file(out), console)
     render_bake_report(report, console)
     mods = {m.key: m for m in table.modules}
     worst = 0.0
