@@ -95,7 +95,6 @@ def pieces_of(mod: ModuleSpec, items: Mapping[Target, deltas.Delta]) -> tuple[in
 def fuse(out: int, pieces: list[Piece]) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-diagonal fuse: one (out, R) up and (R, in) down with B @ A == Σ pieces (exact)."""
     R = sum(p.up.shape[1] for p in pieces)
-    in_flat = pieces[0].down.shape[1]
     up = torch.zeros(out, R, dtype=torch.float32)
     downs = []
     col = 0
@@ -163,8 +162,7 @@ def lora_tensors(items: Mapping[Target, deltas.Delta], table: ModelTable, fmt: s
         dropped.extend(sorted(unnamed))
     if dtype is None:
         dtype = _widest(items.values())
-    # pairs: (name, mod, up, down) with scales folded
-    pairs: list[tuple[str, ModuleSpec, torch.Tensor, torch.Tensor]] = []
+    lowrank_groups: list[tuple[ModuleSpec, Mapping[Target, deltas.Delta]]] = []
     passthrough: list[tuple[str, torch.Tensor]] = []
     for key, group in by_module.items():
         mod = mods[key]
@@ -180,17 +178,20 @@ def lora_tensors(items: Mapping[Target, deltas.Delta], table: ModelTable, fmt: s
                 passthrough.extend((f"{name}.{sfx}", v.to(dtype) if v.is_floating_point() and sfx != "alpha" else v)
                                    for sfx, v in d.tensors().items())
             continue
-        pairs.extend(_lowrank_pairs(mod, group, fmt))
+        lowrank_groups.append((mod, group))
     out: list[tuple[str, torch.Tensor]] = list(passthrough)
-    alpha_star = max((up.shape[1] for _, _, up, _ in pairs), default=1) if fmt == "kohya" else None
-    for name, mod, up, down in pairs:
-        rank = up.shape[1]
-        if fmt == "kohya":
-            c = rank / alpha_star  # loaders apply alpha*/rank; fold the rest into the factors
-            up_f, down_f = _fold(up, down, c)
-            out.extend(_emit_pair(name, mod, up_f, down_f, fmt, dtype, float(alpha_star)))
-        else:
-            out.extend(_emit_pair(name, mod, up, down, fmt, dtype, None))
+    # alpha* from the ranks alone, so that each module's float32 factors are folded, cast and freed in turn
+    alpha_star = max((r for mod, group in lowrank_groups for r in _pair_ranks(mod, group, fmt)),
+                     default=1) if fmt == "kohya" else None
+    for mod, group in lowrank_groups:
+        for name, pmod, up, down in _lowrank_pairs(mod, group, fmt):
+            rank = up.shape[1]
+            if fmt == "kohya":
+                c = rank / alpha_star  # loaders apply alpha*/rank; fold the rest into the factors
+                up_f, down_f = _fold(up, down, c)
+                out.extend(_emit_pair(name, pmod, up_f, down_f, fmt, dtype, float(alpha_star)))
+            else:
+                out.extend(_emit_pair(name, pmod, up, down, fmt, dtype, None))
     out.sort(key=lambda kv: kv[0])
     return out
 
@@ -205,6 +206,22 @@ def _single_name(mod: ModuleSpec, t: Target, scheme: str) -> str:
     if not name:
         raise PlanError(f"{t.id} has no {scheme} name; it cannot be written in this format unchanged")
     return name
+
+
+def _pair_ranks(mod: ModuleSpec, group: Mapping[Target, deltas.Delta], fmt: str) -> list[int]:
+    """The ranks of the pairs :func:`_lowrank_pairs` writes for one module, without computing factors."""
+    scheme = "kohya" if fmt == "kohya" else "diffusers"
+    ranks = {t: int(d.up.shape[1]) for t, d in group.items()}
+    if mod.names.get(scheme):
+        return [sum(ranks.values())]
+    names = [p.name for p in mod.parts]
+    out = []
+    for i, p in enumerate(mod.parts):
+        r = sum(v for t, v in ranks.items()
+                if not t.parts or names.index(t.parts[0]) <= i <= names.index(t.parts[-1]))
+        if r:
+            out.append(r)
+    return out
 
 
 def _lowrank_pairs(mod: ModuleSpec, group: Mapping[Target, deltas.Delta], fmt: str):
