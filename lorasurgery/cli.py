@@ -17,6 +17,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import LoraSurgeryError
+from .commands import human_size
 
 err_console = Console(stderr=True)
 console = Console()
@@ -63,15 +64,6 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-def _human(n: int) -> str:
-    x = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if x < 1024 or unit == "TiB":
-            return f"{x:.1f} {unit}" if unit != "B" else f"{int(x)} B"
-        x /= 1024
-    return f"{n} B"
-
-
 def _dist(d: dict) -> str:
     return ", ".join(f"{k} ×{v}" for k, v in d.items()) or "-"
 
@@ -99,7 +91,7 @@ def render_inspect(report: dict, console: Console = console) -> None:
             t.add_row("LoRA targets", _dist(report["lora_targets"]))
         t.add_row("keys outside the layout", str(report.get("unmapped_keys", 0)))
     t.add_row("tensors", f"{report['tensors']} in {report['files']} file(s)")
-    t.add_row("size", _human(report["bytes"]))
+    t.add_row("size", human_size(report["bytes"]))
     t.add_row("dtypes", _dist(report["dtypes"]))
     console.print(t)
     if report.get("uninterpreted"):

@@ -55,6 +55,11 @@ class Model:
         self._swapped = base.swapped
         self._transposed = base.transposed
 
+    @property
+    def file_bytes(self) -> int:
+        """Size on disk of every file of the checkpoint."""
+        return sum(f.stat().st_size for f in self.source.files)
+
     def file_entries(self, ref_key: str) -> list[tuple[str, tuple[int, int] | None]]:
         """File keys (and the rows each holds) that store reference tensor ``ref_key``."""
         return self._entries.get(ref_key, [])

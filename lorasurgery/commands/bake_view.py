@@ -17,17 +17,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 
 from ..ops.bake import BakeReport
+from . import human_size
 
 WEAK_SHOWN = 10
-
-
-def _human(n: float) -> str:
-    x = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if x < 1024 or unit == "TiB":
-            return f"{x:.1f} {unit}" if unit != "B" else f"{int(x)} B"
-        x /= 1024
-    return f"{n} B"
 
 
 def _pct(part: int, whole: int) -> str:
@@ -60,11 +52,11 @@ def render_bake_report(report: BakeReport, console: Console) -> None:
     t = Table(title=f"baked {report.out.name}", show_header=False, title_justify="left")
     t.add_column("field", style="bold")
     t.add_column("value", overflow="fold")
-    t.add_row("base", f"{report.base.name}: {report.arch}, {report.layout} layout, {_human(report.base_bytes)}, "
+    t.add_row("base", f"{report.base.name}: {report.arch}, {report.layout} layout, {human_size(report.base_bytes)}, "
                       f"sha256 {report.base_sha256[:16]}…")
     files = len(report.out_files)
     what = f"{files} files" if files > 1 else "1 file"
-    t.add_row("output", f"{report.out} ({what}, {_human(report.out_bytes)}, dtype {report.dtype})")
+    t.add_row("output", f"{report.out} ({what}, {human_size(report.out_bytes)}, dtype {report.dtype})")
     if files == 1:
         t.add_row("output data sha256", report.out_sha256)
     t.add_row("tensors", f"{report.tensors}: {report.tensors_changed} changed, {report.tensors_copied} copied "

@@ -19,6 +19,7 @@ from ..errors import PlanError
 from ..linalg import RANK_METHODS
 from ..ops.algebra import AlgebraReport, merge_loras
 from ..ops.inputs import parse_weighted
+from . import human_size
 
 SVD_CHOICES = ("auto", "exact", "randomized")
 
@@ -31,15 +32,6 @@ SVD_CHOICES = ("auto", "exact", "randomized")
 def _short(target: str) -> str:
     t = target.removeprefix("model.diffusion_model.")
     return t.replace(".weight:", ":").removesuffix(".weight")
-
-
-def _size(n: int) -> str:
-    x = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if x < 1024 or unit == "GiB":
-            return f"{int(x)} B" if unit == "B" else f"{x:.1f} {unit}"
-        x /= 1024
-    return f"{n} B"
 
 
 def render_algebra_report(report: AlgebraReport, console: Console, *, rows: bool = True,
@@ -99,7 +91,7 @@ def render_algebra_report(report: AlgebraReport, console: Console, *, rows: bool
     if report.method == "svd" and data["mean_retained_fro"] is not None:
         s.add_row("retained ‖ΔW‖F", f"mean {100 * data['mean_retained_fro']:.2f}%, "
                                         f"min {100 * data['min_retained_fro']:.2f}%")
-    s.add_row("written", f"{report.modules} modules, {report.tensors} tensors, {_size(report.bytes)}")
+    s.add_row("written", f"{report.modules} modules, {report.tensors} tensors, {human_size(report.bytes)}")
     s.add_row("sshs_model_hash", report.model_hash)
     s.add_row("time", f"{report.seconds:.2f} s")
     for note in report.notes:

@@ -21,7 +21,7 @@ HELP = """Change the rank of a LoRA: the optimal truncation of every module.
 --conv-rank N: rank (or cap) for 3x3 convolutions.
 
 \b
-Low-rank modules are truncated from their factors (thin QR + SVD of a small core,
+Low-rank modules are truncated from their factors (QR of the factors, small core,
 no dense ΔW); LoHa/LoKr/full modules are densified and become LoRA pairs. The
 effective scale is kept, the input's metadata is kept with ss_network_dim/alpha
 rewritten ("Dynamic" when ranks vary) and the hashes recomputed. The output keeps

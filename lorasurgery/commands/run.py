@@ -19,6 +19,7 @@ from rich.table import Table
 
 from ..recipe.execute import OutputResult, Reporter, RunReport, StepResult
 from ..recipe.plan import RecipePlan, StepPlan
+from . import human_size
 
 EPILOG = """\b
 Examples:
@@ -29,21 +30,10 @@ Examples:
 """
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    x = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if x < 1024 or unit == "TiB":
-            return f"{int(x)} B" if unit == "B" else f"{x:.1f} {unit}"
-        x /= 1024
-    return f"{n} B"
-
-
 def _est(n: int | None, kind: str) -> str:
     if n is None or kind == "unknown":
         return "known after the run"
-    return {"exact": "", "estimate": "≈ ", "upper bound": "≤ "}.get(kind, "") + _size(n)
+    return {"exact": "", "estimate": "≈ ", "upper bound": "≤ "}.get(kind, "") + human_size(n)
 
 
 def _ranks(step: StepPlan) -> str:
@@ -72,7 +62,7 @@ def render_plan(plan: RecipePlan, console: Console) -> None:
     for name, ip in plan.inputs.items():
         pin = "sha256" if ip.sha256_pin else ("size" if ip.size_pin is not None else "-")
         what = ip.artifact.describe() if ip.artifact is not None else "(not opened)"
-        it.add_row(name, ip.given, what, _size(ip.size), pin)
+        it.add_row(name, ip.given, what, human_size(ip.size), pin)
     console.print(it)
     for k, s in enumerate(plan.steps):
         console.print(f"[bold]step {k + 1}/{len(plan.steps)}[/] [cyan]{s.id}[/]: {s.op} {_uses(s)}", highlight=False)
@@ -170,7 +160,7 @@ class PlainReporter(Reporter):
                      + _brief(result), highlight=False)
 
     def output_written(self, output: OutputResult) -> None:
-        self.c.print(f"wrote {output.path} ({_size(output.bytes)})", highlight=False)
+        self.c.print(f"wrote {output.path} ({human_size(output.bytes)})", highlight=False)
 
 
 def _brief(result: StepResult) -> str:
@@ -179,7 +169,7 @@ def _brief(result: StepResult) -> str:
     if s.get("modules") is not None:
         parts.append(f"{s['modules']} modules")
     if s.get("bytes") is not None:
-        parts.append(_size(s["bytes"]))
+        parts.append(human_size(s["bytes"]))
     return f" ({', '.join(parts)})" if parts else ""
 
 
@@ -220,7 +210,7 @@ class BarReporter(PlainReporter):
             self.bar.update(self.task, completed=t.total, description=f"{t.description}{_brief(result)}")
 
     def output_written(self, output: OutputResult) -> None:
-        self.bar.console.print(f"wrote {output.path} ({_size(output.bytes)})", highlight=False)
+        self.bar.console.print(f"wrote {output.path} ({human_size(output.bytes)})", highlight=False)
 
 
 @click.command("run", epilog=EPILOG)

@@ -1308,16 +1308,12 @@ def _replace_folder(tmp: Path, out: Path) -> None:
 
 def _input_rows(plan: BakePlan, base_sha: str | None = None) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = [{"path": plan.base.name, "name": title_of(plan.base, plan.model.source.metadata),
-                                      "sha256": base_sha or "0" * 64, "size": _size(plan.model),
+                                      "sha256": base_sha or "0" * 64, "size": plan.model.file_bytes,
                                       "role": "base", "weight": None}]
     for i in plan.inputs:
         rows.append({"path": i.path.name, "name": title_of(i.path, i.index.metadata), "sha256": i.sha256,
                      "size": i.size, "role": "lora", "weight": i.weight})
     return rows
-
-
-def _size(model: Model) -> int:
-    return sum(f.stat().st_size for f in model.source.files)
 
 
 def _file_metadata(plan: BakePlan, f: OutFile) -> dict[str, str]:
@@ -1682,7 +1678,7 @@ def _report(plan: BakePlan, stats: _Stats, nonfinite_base: list[str], counts: Co
     meta_keys = sorted({"lorasurgery.version", "lorasurgery.recipe", "lorasurgery.inputs", "lorasurgery.env"})
     return BakeReport(
         base=plan.base, out=plan.out, arch=plan.arch, layout=plan.layout, device=str(plan.device),
-        dtype=plan.options["dtype"], base_sha256=base_sha, base_bytes=_size(plan.model),  # type: ignore[arg-type]
+        dtype=plan.options["dtype"], base_sha256=base_sha, base_bytes=plan.model.file_bytes,  # type: ignore[arg-type]
         out_files=list(written), out_bytes=out_bytes, inputs=inputs, tensors=len(plan.jobs),
         tensors_changed=changed, tensors_copied=counts.get("copy", 0), tensors_cast=counts.get("cast", 0),
         unmatched=unmatched[:LIST_LIMIT], unmatched_count=len(unmatched), nonfinite_skipped=nonfinite,

@@ -1032,8 +1032,8 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path | None = None, 
         hashes = hasher.result()
         timings["hash_wait"] = time.perf_counter() - t1
         inputs = [
-            {"path": bm.path, "sha256": hashes[0], "size": _size(bm), "role": "base"},
-            {"path": tm.path, "sha256": hashes[1], "size": _size(tm), "role": "tuned"},
+            {"path": bm.path, "sha256": hashes[0], "size": bm.file_bytes, "role": "base"},
+            {"path": tm.path, "sha256": hashes[1], "size": tm.file_bytes, "role": "tuned"},
         ]
         comment = (f"extracted by lorasurgery from {title_of(bm.path)} (base) and {title_of(tm.path)} (tuned): "
                    + (f"rank {opts.rank}" if opts.rank_method == "fixed"
@@ -1047,10 +1047,6 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path | None = None, 
         timings["write"] = time.perf_counter() - t2
     return ExtractReport(plan, results, skipped, others, identical, time.perf_counter() - t0, output,
                          {"base": hashes[0], "tuned": hashes[1]}, {k: round(v, 3) for k, v in timings.items()})
-
-
-def _size(model: Model) -> int:
-    return sum(f.stat().st_size for f in model.source.files)
 
 
 def _run(plan: ExtractPlan, bm: Model, tm: Model, progress: Progress | None):
