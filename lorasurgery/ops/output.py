@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..arch.base import ModelTable
-from ..delta import Delta
+from ..delta import Delta, LowRank
 from ..formats.names import Target
 from ..formats.write import lora_tensors
 from ..io.metadata import lora_metadata, provenance
@@ -77,9 +77,10 @@ def write_lora(path: str | Path, items: Mapping[Target, Delta], table: ModelTabl
         meta.update({k: v for k, v in base_metadata.items() if not k.startswith(("sshs_", "lorasurgery."))})
     arch = table.arch
     variant = table.config.get("variant") if isinstance(table.config.get("variant"), str) else None
+    lycoris = any(not isinstance(d, LowRank) or getattr(d, "mid", None) is not None for d in items.values())
     meta.update(lora_metadata(
         f"{arch}-{variant}" if variant else arch, ranks or {"-": 1}, alphas or {"-": 1.0}, bool(conv),
-        title or path.stem, conv_modules=conv, merged_from=merged_from, training_comment=training_comment,
+        title or path.stem, network_module="lycoris.kohya" if lycoris and fmt == "kohya" else None, conv_modules=conv, merged_from=merged_from, training_comment=training_comment,
         base_model_version=(base_metadata or {}).get("ss_base_model_version") if arch == "sd3" else None))
     meta.update(provenance([dict(i) for i in inputs], options, seed, device=str(device), svd=svd))
     if extra_metadata:
