@@ -136,6 +136,17 @@ def _fold(t: torch.Tensor, c: float) -> torch.Tensor:
     return (t.to(_F32) * c).to(t.dtype)
 
 
+def _with_scale_tensors(delta: Any, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add the ``alpha`` (float32 0-dim), ``scale`` and ``dora_scale`` tensors a LoRA/LoHa/LoKr delta holds."""
+    if delta.alpha is not None:
+        out["alpha"] = _alpha_tensor(delta.alpha)
+    if delta.scale_tensor is not None:
+        out["scale"] = delta.scale_tensor
+    if delta.dora_scale is not None:
+        out["dora_scale"] = delta.dora_scale
+    return out
+
+
 def _alpha_tensor(value: float) -> torch.Tensor:
     """Alpha as written by lorasurgery: a float32 0-dim tensor (``formats.md`` §1 rule 4)."""
     return torch.tensor(float(value), dtype=torch.float32)
@@ -499,13 +510,7 @@ class LowRank(Delta):
         out = {"lora_up.weight": _fold(self.up, float(self.multiplier)), "lora_down.weight": self.down}
         if self.mid is not None:
             out["lora_mid.weight"] = self.mid
-        if self.alpha is not None:
-            out["alpha"] = _alpha_tensor(self.alpha)
-        if self.scale_tensor is not None:
-            out["scale"] = self.scale_tensor
-        if self.dora_scale is not None:
-            out["dora_scale"] = self.dora_scale
-        return out
+        return _with_scale_tensors(self, out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -648,13 +653,7 @@ class LoHa(Delta):
         if self.t1 is not None and self.t2 is not None:
             out["hada_t1"] = self.t1
             out["hada_t2"] = self.t2
-        if self.alpha is not None:
-            out["alpha"] = _alpha_tensor(self.alpha)
-        if self.scale_tensor is not None:
-            out["scale"] = self.scale_tensor
-        if self.dora_scale is not None:
-            out["dora_scale"] = self.dora_scale
-        return out
+        return _with_scale_tensors(self, out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -844,13 +843,7 @@ class LoKr(Delta):
             out["lokr_w2_b"] = self.w2b
             if self.t2 is not None:
                 out["lokr_t2"] = self.t2
-        if self.alpha is not None:
-            out["alpha"] = _alpha_tensor(self.alpha)
-        if self.scale_tensor is not None:
-            out["scale"] = self.scale_tensor
-        if self.dora_scale is not None:
-            out["dora_scale"] = self.dora_scale
-        return out
+        return _with_scale_tensors(self, out)
 
 
 # --------------------------------------------------------------------------------------------------
