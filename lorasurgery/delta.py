@@ -1270,55 +1270,27 @@ def _check_rescale(delta: Delta, rescale: torch.Tensor | None, out: int) -> None
 
 
 @dataclass(frozen=True, eq=False, repr=False, kw_only=True)
-class OFT(Delta):
-    """Diag-OFT (LyCORIS ``modules/diag_oft.py`` ``make_weight``; ComfyUI ``weight_adapter/oft.py``).
-
-    ``oft_blocks`` X ``(n, bs, bs)``; rows of W are grouped into n blocks of bs rows. With R_k from
-    :func:`cayley` (constraint = ``alpha · out``, LyCORIS stores the per-dimension constraint in ``alpha``
-    and multiplies by ``out_dim``; alpha ≤ 0 or absent: no clamp):
-
-        W''[k·bs + m, ...] = Σ_n R_k[n, m] · W[k·bs + n, ...]     (einsum ``"k n m, k n ... -> k m ..."``)
-
-    i.e. each row block is multiplied by R_kᵀ (``math.md`` writes blockdiag(R)·W; the LyCORIS einsum
-    contracts R's first index). Then W'' ← ``rescale`` ⊙ W'' row-wise when ``rescale`` ``(out, 1[, 1, 1])``
-    is present. (ComfyUI clamps with the raw alpha and ignores ``rescale``; lorasurgery follows LyCORIS.)
-    """
+class _Orthogonal(Delta):
+    """What Diag-OFT and BOFT share: ``oft_blocks``, the ``alpha`` norm constraint, the row ``rescale``."""
 
     blocks: torch.Tensor
     alpha: float | None = None
     rescale: torch.Tensor | None = None
-
-    algo: ClassVar[str] = "oft"
-
-    def __post_init__(self) -> None:
-        b = self.blocks
-        if b.ndim != 3 or b.shape[1] != b.shape[2]:
-            raise self._bad(f"oft_blocks has shape {_shape_str(b)}; expected (n_blocks, bs, bs)", ["oft_blocks"])
-        _check_rescale(self, self.rescale, self.out_features)
 
     @property
     def needs_base(self) -> bool:
         return True
 
     @property
-    def out_features(self) -> int:
-        return int(self.blocks.shape[0] * self.blocks.shape[1])
-
-    @property
     def constraint(self) -> float:
         """Norm limit for Q: ``alpha · out`` (0 = unconstrained)."""
         return float(self.alpha) * self.out_features if self.alpha else 0.0
 
-    def _transform(self, weight: torch.Tensor) -> torch.Tensor:
-        shape = tuple(weight.shape)
-        self._check_shape(shape)
-        n, bs = int(self.blocks.shape[0]), int(self.blocks.shape[1])
-        r = cayley(self.blocks.to(weight.device), self.constraint)
-        wb = weight.reshape(n, bs, -1)
-        out = torch.einsum("knm,knx->kmx", r, wb).reshape(shape)
-        if self.rescale is not None:
-            out = out * _f32(self.rescale, weight.device).reshape([shape[0]] + [1] * (len(shape) - 1))
-        return out
+    def _rescaled(self, w: torch.Tensor) -> torch.Tensor:
+        """W'' ← ``rescale`` ⊙ W'' row-wise (unchanged without ``rescale``)."""
+        if self.rescale is None:
+            return w
+        return w * _f32(self.rescale, w.device).reshape([w.shape[0]] + [1] * (w.dim() - 1))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """``oft_blocks``, ``alpha`` (float32 0-dim), ``rescale``; multiplier ≠ 1 raises :class:`PlanError`."""
@@ -1333,7 +1305,45 @@ class OFT(Delta):
 
 
 @dataclass(frozen=True, eq=False, repr=False, kw_only=True)
-class BOFT(Delta):
+class OFT(_Orthogonal):
+    """Diag-OFT (LyCORIS ``modules/diag_oft.py`` ``make_weight``; ComfyUI ``weight_adapter/oft.py``).
+
+    ``oft_blocks`` X ``(n, bs, bs)``; rows of W are grouped into n blocks of bs rows. With R_k from
+    :func:`cayley` (constraint = ``alpha · out``, LyCORIS stores the per-dimension constraint in ``alpha``
+    and multiplies by ``out_dim``; alpha ≤ 0 or absent: no clamp):
+
+        W''[k·bs + m, ...] = Σ_n R_k[n, m] · W[k·bs + n, ...]     (einsum ``"k n m, k n ... -> k m ..."``)
+
+    i.e. each row block is multiplied by R_kᵀ (``math.md`` writes blockdiag(R)·W; the LyCORIS einsum
+    contracts R's first index). Then W'' ← ``rescale`` ⊙ W'' row-wise when ``rescale`` ``(out, 1[, 1, 1])``
+    is present. (ComfyUI clamps with the raw alpha and ignores ``rescale``; lorasurgery follows LyCORIS.)
+    """
+
+    algo: ClassVar[str] = "oft"
+
+    def __post_init__(self) -> None:
+        b = self.blocks
+        if b.ndim != 3 or b.shape[1] != b.shape[2]:
+            raise self._bad(f"oft_blocks has shape {_shape_str(b)}; expected (n_blocks, bs, bs)", ["oft_blocks"])
+        _check_rescale(self, self.rescale, self.out_features)
+
+    @property
+    def out_features(self) -> int:
+        return int(self.blocks.shape[0] * self.blocks.shape[1])
+
+    def _transform(self, weight: torch.Tensor) -> torch.Tensor:
+        shape = tuple(weight.shape)
+        self._check_shape(shape)
+        n, bs = int(self.blocks.shape[0]), int(self.blocks.shape[1])
+        r = cayley(self.blocks.to(weight.device), self.constraint)
+        wb = weight.reshape(n, bs, -1)
+        out = torch.einsum("knm,knx->kmx", r, wb).reshape(shape)
+        return self._rescaled(out)
+
+
+
+@dataclass(frozen=True, eq=False, repr=False, kw_only=True)
+class BOFT(_Orthogonal):
     """Butterfly OFT (LyCORIS ``functional/boft.py`` ``diff_weight`` / ``modules/boft.py`` ``make_weight``;
     ComfyUI ``weight_adapter/boft.py``).
 
@@ -1343,10 +1353,6 @@ class BOFT(Delta):
     rows; each block is multiplied by R[i, j] (einsum ``"b i j, b j ... -> b i ..."``, i.e. R·x, not Rᵀ);
     the permutation is undone. After all stages, W'' ← ``rescale`` ⊙ W'' row-wise.
     """
-
-    blocks: torch.Tensor
-    alpha: float | None = None
-    rescale: torch.Tensor | None = None
 
     algo: ClassVar[str] = "boft"
 
@@ -1364,17 +1370,8 @@ class BOFT(Delta):
         _check_rescale(self, self.rescale, self.out_features)
 
     @property
-    def needs_base(self) -> bool:
-        return True
-
-    @property
     def out_features(self) -> int:
         return int(self.blocks.shape[1] * self.blocks.shape[2])
-
-    @property
-    def constraint(self) -> float:
-        """Norm limit for Q: ``alpha · out`` (0 = unconstrained)."""
-        return float(self.alpha) * self.out_features if self.alpha else 0.0
 
     def _transform(self, weight: torch.Tensor) -> torch.Tensor:
         shape = tuple(weight.shape)
@@ -1389,20 +1386,8 @@ class BOFT(Delta):
             x = x.reshape(out // (2 * k), 2, k, cols).transpose(1, 2).reshape(n, b, cols)
             x = torch.einsum("nij,njc->nic", r[i], x)
             x = x.reshape(out // (2 * k), k, 2, cols).transpose(1, 2).reshape(out, cols)
-        if self.rescale is not None:
-            x = x * _f32(self.rescale, weight.device).reshape(out, 1)
-        return x.reshape(shape)
+        return self._rescaled(x.reshape(shape))
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """``oft_blocks``, ``alpha`` (float32 0-dim), ``rescale``; multiplier ≠ 1 raises :class:`PlanError`."""
-        if self.multiplier != 1.0:
-            raise self._refuse_fold()
-        out = {"oft_blocks": self.blocks}
-        if self.alpha is not None:
-            out["alpha"] = _alpha_tensor(self.alpha)
-        if self.rescale is not None:
-            out["rescale"] = self.rescale
-        return out
 
 
 # --------------------------------------------------------------------------------------------------
