@@ -614,14 +614,15 @@ def _is_lowrank(d: deltas.Delta) -> bool:
 
 def _term(d: deltas.LowRank, balance: bool) -> _Term:
     """``d`` (weight and scale c = multiplier·alpha/rank) as a term: √|c| on each factor when ``balance``
-    (``math.md`` §3; keeps fp16 factor magnitudes alike), else c on ``up``. Tucker mids are folded."""
+    (``math.md`` §3; keeps fp16 factor magnitudes alike), else c on ``down`` (inputs of a truncation: the
+    float32 stack is scaled where it is contiguous, see :func:`_stack`). Tucker mids are folded."""
     c = float(d.multiplier) * d.scale
     if d.mid is not None:
         b = deltas.concat_lowrank([d])  # folds the mid, balanced, scale 1
         return _Term(b.up.reshape(b.up.shape[0], -1), b.down.reshape(b.rank, -1))
     up, down = d.up.reshape(d.up.shape[0], -1), d.down.reshape(d.down.shape[0], -1)
     if not balance:
-        return _Term(up, down, c, 1.0)
+        return _Term(up, down, 1.0, c)
     root = math.sqrt(abs(c))
     return _Term(up, down, root, math.copysign(root, c))
 
@@ -656,7 +657,7 @@ def _module_units(mod: ModuleSpec, contribs: Sequence[tuple[int, Target, deltas.
     (SVD truncations, so that every *written* module is the optimal truncation of its own ΔW), a module
     with parts becomes one whole unit (``"fused"``) when the output format names the whole module, else
     one unit per part (``"split"``). ``balance`` splits each contribution's scale √|c| between its factors
-    (concat outputs); otherwise the scale stays on ``up`` (inputs of an SVD).
+    (concat outputs); otherwise the scale goes on ``down`` (inputs of an SVD).
     """
     by_input: dict[int, set[Target]] = defaultdict(set)
     for i, t, _ in contribs:
@@ -775,8 +776,6 @@ def factored_truncation(B: torch.Tensor, A: torch.Tensor, method: str, param: fl
     ab, tb, Rb = _householder(B)
     aa, ta, Ra = _householder(A.mT)
     C = (Rb.double() @ Ra.double().mT).cpu()
-    if not bool(torch.isfinite(C).all()):
-        raise InputError("non-finite factors")
     S, Uc, Vc, energy = _core_svd(C)
     k = select_rank(S, method, param, max_rank=max_rank, total_energy=energy, total_nuclear=float(S.sum()),
                     complete=True)
@@ -810,8 +809,11 @@ def _core_svd(C: torch.Tensor):
     ``C v_i / σ_i``, so that the truncation ``Σ_{i≤k} σ_i u_i v_iᵀ = C·V_k V_kᵀ`` is exactly C projected on
     the top-k eigenvectors (lossless at full rank, whatever the rounding of tiny σ_i). Returns
     ``(S, U(k), V(k), ‖C‖_F²)`` with S non-increasing and ``U(k)``/``V(k)`` giving (p1, k)/(p2, k) vectors.
+    Raises :class:`InputError` when C is not finite.
     """
     energy = float((C * C).sum())
+    if not math.isfinite(energy):  # float32 factors cannot overflow a float64 ‖C‖², so C has a NaN or Inf
+        raise InputError("non-finite factors")
     right = C.shape[1] <= C.shape[0]
     G = C.mT @ C if right else C @ C.mT
     lam, E = torch.linalg.eigh(G)
