@@ -120,8 +120,10 @@ def test_header_written_first_and_noncontiguous_input(tmp_path):
     w.open()
     (tmp,) = leftovers(tmp_path)
     assert tmp.startswith(".o.safetensors.tmp-")
-    head = (tmp_path / tmp).read_bytes()
-    assert len(head) == w.data_offset and not out.exists()
+    data = (tmp_path / tmp).read_bytes()
+    head = data[: w.data_offset]
+    # the header is written first; the file is allocated at its final size where the filesystem can
+    assert len(data) in (w.data_offset, w.data_offset + 48) and not out.exists()
     w.write("t", t)
     w.close()
     assert out.read_bytes()[: w.data_offset] == head
@@ -421,3 +423,64 @@ def test_write_cuda_tensors(tmp_path):
     with safe_open(str(out), framework="pt") as f:
         for n, t in ts.items():
             assert raw(f.get_tensor(n)) == raw(t.cpu())
+
+
+def test_full_disk_is_found_before_any_tensor_is_written(tmp_path, monkeypatch):
+    import errno
+
+    import lorasurgery.io.writer as writer
+
+    monkeypatch.setattr(writer, "_fallocate", lambda fd, size: errno.ENOSPC)
+    out = tmp_path / "o.safetensors"
+    w = StreamingWriter(out, [TensorSpec("t", torch.float32, (1000, 1000))])
+    with pytest.raises(OutputError) as e:
+        w.open()
+    msg = str(e.value)
+    assert str(out) in msg and "not enough free space" in msg and "needs 3.8 MiB" in msg
+    assert leftovers(tmp_path) == [] and not out.exists()
+
+
+def test_filesystem_without_fallocate_still_writes(tmp_path, monkeypatch):
+    import errno
+
+    import lorasurgery.io.writer as writer
+
+    t = torch.arange(6.0)
+    written = []
+    for name, result in (("a", None), ("b", errno.EOPNOTSUPP), ("c", errno.EINVAL)):
+        if result is not None:
+            monkeypatch.setattr(writer, "_fallocate", lambda fd, size, r=result: r)
+        out = tmp_path / f"{name}.safetensors"
+        with StreamingWriter(out, [TensorSpec("t", torch.float32, (6,))], {"k": "v"}) as w:
+            w.write("t", t)
+        written.append(out.read_bytes())
+    assert written[0] == written[1] == written[2] == save({"t": t}, {"k": "v"})
+
+
+@pytest.mark.parametrize("fill", [False, True])
+def test_hash_in_thread_gives_the_same_file_and_hash(tmp_path, fill):
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(50 + i * 37, generator=g).half() for i in range(12)}
+    specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    outs = []
+    for threaded in (False, True):
+        out = tmp_path / f"o{int(threaded)}.safetensors"
+        with StreamingWriter(out, specs, {"k": "v"}, fill_sshs_hashes=fill, hash_in_thread=threaded) as w:
+            for k, v in tensors.items():
+                w.write(k, v)
+        outs.append((out.read_bytes(), w.model_hash))
+    assert outs[0] == outs[1]
+    data = outs[0][0]
+    n = struct.unpack("<Q", data[:8])[0]
+    assert outs[1][1] == hashlib.sha256(data[8 + n:]).hexdigest()
+
+
+def test_hash_in_thread_abort_leaves_nothing(tmp_path):
+    out = tmp_path / "o.safetensors"
+    specs = [TensorSpec("a", torch.float32, (4,)), TensorSpec("b", torch.float32, (4,))]
+    with pytest.raises(RuntimeError):
+        with StreamingWriter(out, specs, hash_in_thread=True) as w:
+            w.write("a", torch.ones(4))
+            raise RuntimeError("boom")
+    assert leftovers(tmp_path) == [] and not out.exists()
+    assert not w._sha._thread.is_alive()

@@ -2,14 +2,6 @@
 plus the small rendering helpers the commands share."""
 from __future__ import annotations
 
+from ..units import human_size
 
-def human_size(n: float | None) -> str:
-    """Byte count for people: ``512 B``, ``1.5 MiB``; ``?`` when unknown."""
-    if n is None:
-        return "?"
-    x = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if x < 1024 or unit == "TiB":
-            return f"{int(x)} B" if unit == "B" else f"{x:.1f} {unit}"
-        x /= 1024
-    return f"{n} B"
+__all__ = ["human_size"]

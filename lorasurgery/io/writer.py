@@ -22,12 +22,15 @@ byte-deterministic. ``fill_sshs_hashes=True`` reserves and fills ``sshs_model_ha
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import secrets
 import struct
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -35,12 +38,71 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from ..errors import OutputError
+from ..units import human_size
 from .dtypes import SAFETENSORS_ORDER, TORCH_TO_ST
+from .handoff import ByteQueue
 
 #: Largest header the writer produces (the safetensors library refuses larger ones).
 MAX_HEADER_BYTES = 100_000_000
 
 _SSHS_WIDTHS = {"sshs_model_hash": 64, "sshs_legacy_hash": 8}
+
+#: Bytes of written tensors that may wait for the output hash thread (``hash_in_thread=True``).
+HASH_BEHIND_BYTES = 1 << 28
+
+
+def _fallocate(fd: int, size: int) -> int:
+    """Reserve ``size`` bytes for ``fd`` with Linux ``fallocate`` (mode 0); returns 0 or the errno.
+
+    Not ``posix_fallocate``: glibc emulates that by writing zeros where the filesystem cannot allocate,
+    which would write the output twice. Where the call is missing (other systems) this returns ENOSYS.
+    """
+    if not sys.platform.startswith("linux") or size <= 0:
+        return errno.ENOSYS
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate64
+    except (OSError, AttributeError):
+        return errno.ENOSYS
+    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    fn.restype = ctypes.c_int
+    return 0 if fn(fd, 0, 0, size) == 0 else ctypes.get_errno()
+
+
+class _HashBehind:
+    """SHA-256 fed in order by a helper thread (``hashlib`` releases the GIL on large buffers), so the
+    output's hash overlaps with the file writes. At most ``HASH_BEHIND_BYTES`` (or one buffer) wait; the
+    buffers must not change after :meth:`update`."""
+
+    def __init__(self, limit: int = HASH_BEHIND_BYTES) -> None:
+        self._h = hashlib.sha256()
+        self._q = ByteQueue(limit)
+        self._digest: str | None = None
+        self._thread = threading.Thread(target=self._run, name="lorasurgery-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            buf = self._q.get()
+            if buf is None:
+                return
+            self._h.update(buf)
+
+    def update(self, buf) -> None:
+        self._q.put(buf, buf.nbytes)
+
+    def hexdigest(self) -> str:
+        if self._digest is None:
+            self._q.put(None)
+            self._thread.join()
+            self._digest = self._h.hexdigest()
+        return self._digest
+
+    def cancel(self) -> None:
+        """End the thread without waiting for a digest (abort)."""
+        if self._thread.is_alive():
+            self._q.clear()
+            self._q.put(None)
+            self._thread.join()
 
 
 def _json(obj: object) -> bytes:
@@ -146,7 +208,9 @@ class StreamingWriter:
     the same file through a link; refused even with ``overwrite``), a missing parent folder,
     non-string metadata, duplicate or invalid names, unsupported dtypes. See the module docstring for
     reserved values and atomicity. After a successful close, :attr:`model_hash` holds the hex SHA-256 of
-    the data section (``sshs_model_hash``).
+    the data section (``sshs_model_hash``). ``hash_in_thread=True`` computes that hash in a helper thread
+    while the next tensors are written (for callers that already write from a pipeline of threads); the
+    tensors given to :meth:`write` must then not be modified afterwards.
     """
 
     def __init__(
@@ -159,6 +223,7 @@ class StreamingWriter:
         inputs: Sequence[str | Path] = (),
         reserved_metadata: Mapping[str, int] | None = None,
         fill_sshs_hashes: bool = False,
+        hash_in_thread: bool = False,
     ):
         self.path = Path(path)
         self.specs = list(specs)
@@ -195,6 +260,7 @@ class StreamingWriter:
         self._tmp: Path | None = None
         self._f = None
         self._next = 0
+        self._hash_in_thread = hash_in_thread
         self._sha = hashlib.sha256()
         self._state = "new"  # new -> open -> done | aborted
         self.model_hash: str | None = None
@@ -253,6 +319,18 @@ class StreamingWriter:
         self._tmp = tmp
         self._f = os.fdopen(fd, "wb")
         self._state = "open"
+        # Allocating the whole file up front makes the writes much cheaper on ext4 (measured 2.2 GB of
+        # writes: 0.6 s of system time instead of 1.6-4.6 s with delayed allocation) and finds a full disk
+        # before any work is done.
+        size = self.data_offset + sum(s.nbytes for s in self.specs)
+        err = _fallocate(fd, size)
+        if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            self.abort()
+            raise OutputError(f"{self.path}: there is not enough free space (or quota) for the output, which "
+                              f"needs {human_size(size)}; {os.strerror(err)}. Free some space or write the "
+                              "output to another disk. No output was written.", self.path)
+        if self._hash_in_thread:
+            self._sha = _HashBehind()
         try:
             self._f.write(struct.pack("<Q", len(self._header)))
             self._f.write(self._header)
@@ -277,6 +355,8 @@ class StreamingWriter:
         if self._state == "done":
             return
         self._state = "aborted"
+        if isinstance(self._sha, _HashBehind):
+            self._sha.cancel()
         f, self._f = self._f, None
         if f is not None:
             try:

@@ -34,7 +34,6 @@ import os
 import time
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -58,6 +57,7 @@ from ..linalg import (RANK_METHODS, canonicalize_signs, resolve_device, retained
                       svd_for_rank, truncate)
 from .inputs import WeightedInput, parse_weighted
 from .output import DEFAULT_FORMAT, LoraOutput, write_lora
+from .threads import ops_threads
 
 __all__ = [
     "AlgebraReport",
@@ -973,24 +973,6 @@ def default_workers(device: torch.device) -> int:
     return max(1, min(os.cpu_count() or 1, 16))
 
 
-@contextmanager
-def _single_threaded_ops(active: bool) -> Iterator[None]:
-    """One intra-op thread per torch call while modules run in parallel threads (restored afterwards).
-
-    Small QRs and eigen-decompositions gain little from intra-op threads and lose a lot when several of
-    them compete for the cores; one module per core is faster and gives the same bytes on every machine.
-    """
-    if not active:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _combine(inputs: Sequence[_Input], table: ModelTable, *, op: str, method: str, rule: RankRule | None,
              fmt: str, device: torch.device, svd_mode: str, seed: int, progress: Progress | None,
              workers: int | None = None) -> tuple[dict[Target, deltas.Delta], list[UnitRow], list[str]]:
@@ -1040,7 +1022,9 @@ def _combine(inputs: Sequence[_Input], table: ModelTable, *, op: str, method: st
 
     if progress is not None:
         progress(0, total, "")
-    with _single_threaded_ops(method == "svd" and device.type == "cpu"):
+    # one intra-op thread per call while modules run in parallel threads: small QRs and eigen-
+    # decompositions gain little from intra-op threads and lose a lot when several compete for the cores
+    with ops_threads(1 if method == "svd" and device.type == "cpu" else None):
         if n_workers == 1:
             for mod, loaded in jobs():
                 collect(_module_job(mod, loaded, inputs, **kwargs))

@@ -42,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import queue
 import secrets
 import shutil
 import threading
@@ -69,18 +68,26 @@ from ..formats.write import swap_halves
 from ..io.dtypes import dtype_name, parse_dtype
 from ..io.metadata import canonical_json, provenance, title_of
 from ..io.reader import PICKLE_SUFFIXES, Header, TensorInfo, read_header
+from ..io.handoff import ByteQueue
 from ..io.writer import StreamingWriter, TensorSpec, _json
 from ..linalg import resolve_device
 from ..model import Model, open_model
 from .inputs import WeightedInput
+from .threads import cores_besides, ops_threads
 
 __all__ = ["BakePlan", "BakeReport", "Contribution", "InputPlan", "InputReport", "ModuleCheck", "bake",
            "plan_bake", "OUTPUT_DTYPES"]
 
 #: ``--dtype`` values: ``keep`` (each tensor keeps the base's dtype) or one float dtype for every float tensor.
 OUTPUT_DTYPES = ("keep", "fp16", "bf16", "fp32")
-#: Row chunks of low-rank bakes hold at most this many float32 elements (32 MiB).
-CHUNK_ELEMENTS = 1 << 23
+#: Row chunks of low-rank bakes hold at most this many float32 elements (4 MiB: the chunk stays in the
+#: cache between its upcast, GEMM, checks and downcast; measured 20 % less CPU than 32 MiB chunks).
+CHUNK_ELEMENTS = 1 << 20
+#: Bytes of base tensors the reader thread may read ahead of the computation, and of results that may wait
+#: for the writer thread (at least one tensor each): runs ahead over many small tensors, never piles up
+#: large ones (peak memory stays under 1.5 GB plus the largest tensor; ``tests/benchmarks/bench_bake.py``).
+READ_AHEAD_BYTES = 1 << 28
+WRITE_BEHIND_BYTES = 1 << 28
 #: The precision checks of a tensor look at every row up to this many elements, else at every k-th row
 #: (about this many elements, scaled up): exact on small tensors, cheap estimates on large ones.
 SAMPLE_ELEMENTS = 1 << 16
@@ -1039,25 +1046,20 @@ class _Reader:
     """Reads the base's files in order in a helper thread, hashing every byte (header and data) as it goes.
 
     Items, in order: ``("tensor", source file, key, info, raw uint8 tensor)`` and, after each file,
-    ``("hash", relative path, hex digest)``. At most ``depth`` items wait, so memory stays bounded;
-    reads and SHA-256 release the GIL and overlap with the computation in the main thread.
+    ``("hash", relative path, hex digest)``. At most ``READ_AHEAD_BYTES`` of tensors (or one tensor) wait,
+    so memory stays bounded; reads and SHA-256 release the GIL and overlap with the computation in the
+    main thread.
     """
 
-    def __init__(self, plan: BakePlan, depth: int = 1) -> None:
+    def __init__(self, plan: BakePlan, limit: int = READ_AHEAD_BYTES) -> None:
         self.plan = plan
-        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.q = ByteQueue(limit)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="lorasurgery-read", daemon=True)
         self.thread.start()
 
-    def _put(self, item) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def _put(self, item, nbytes: int = 0) -> bool:
+        return self.q.put(item, nbytes, stop=self.stop)
 
     def _run(self) -> None:
         try:
@@ -1074,7 +1076,7 @@ class _Reader:
                         raw = _read_exact(fh, info.nbytes, sf.path)
                         pos = info.end
                         h.update(raw.numpy())
-                        if not self._put(("tensor", sf, key, info, raw)):
+                        if not self._put(("tensor", sf, key, info, raw), info.nbytes):
                             return
                     if fh.read(1):
                         raise InputError("has bytes after its last tensor; the file changed while it was read.",
@@ -1096,14 +1098,16 @@ class _Reader:
 
     def close(self) -> None:
         self.stop.set()
+        self.q.clear()
         self.thread.join()
 
 
 class _WriteBehind:
-    """Writes finished tensors in a helper thread (file writes and the output's hash release the GIL)."""
+    """Writes finished tensors in a helper thread (file writes release the GIL); at most
+    ``WRITE_BEHIND_BYTES`` (or one tensor) wait."""
 
-    def __init__(self, depth: int = 1) -> None:
-        self.q: queue.Queue = queue.Queue(maxsize=depth)
+    def __init__(self, limit: int = WRITE_BEHIND_BYTES) -> None:
+        self.q = ByteQueue(limit)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="lorasurgery-write", daemon=True)
         self.thread.start()
@@ -1124,7 +1128,7 @@ class _WriteBehind:
     def put(self, w: StreamingWriter, name: str, tensor: torch.Tensor) -> None:
         if self.error is not None:
             raise self.error
-        self.q.put((w, name, tensor))
+        self.q.put((w, name, tensor), tensor.numel() * tensor.element_size())
 
     def stop(self) -> None:
         """Let the thread write what is queued (or drain it after an error) and end."""
@@ -1187,8 +1191,11 @@ def bake(base: str | Path, loras: Sequence[WeightedInput], out: str | Path, *, b
 def execute(plan: BakePlan, progress: Callable[[int, int], None] | None = None) -> BakeReport:
     """Stream the base through the plan and write the output (used by :func:`bake`).
 
-    Three stages overlap: a reader thread (sequential reads + the base's SHA-256), the computation in the
-    calling thread, and a writer thread (writes + the output's SHA-256); each hands over at most one tensor.
+    Stages overlap: a reader thread (sequential reads + the base's SHA-256), the computation in the
+    calling thread, a writer thread (writes) and a hash thread (the output's SHA-256); each hand-off holds
+    at most 256 MiB (or one tensor). On the CPU the computation leaves those three threads a core each: torch's
+    intra-op pool is limited to the remaining cores (one on a 2-core machine), or its idle threads spin
+    on the cores the pipeline needs.
     """
     t0 = time.perf_counter()
     stats = _Stats()
@@ -1208,6 +1215,7 @@ def execute(plan: BakePlan, progress: Callable[[int, int], None] | None = None) 
     reader: _Reader | None = None
     try:
         with ExitStack() as stack:
+            stack.enter_context(ops_threads(cores_besides(3) if plan.device.type == "cpu" else None))
             writers: list[tuple[Path, StreamingWriter]] = []
             writer_of: dict[str, tuple[StreamingWriter, str]] = {}
             for f in plan.files:
@@ -1217,7 +1225,8 @@ def execute(plan: BakePlan, progress: Callable[[int, int], None] | None = None) 
                 w = StreamingWriter(target, specs, _file_metadata(plan, f),
                                     overwrite=plan.overwrite if tmp_dir is None else False, inputs=inputs,
                                     reserved_metadata={"lorasurgery.inputs": width},
-                                    fill_sshs_hashes=any(k.startswith("sshs_") for k in f.metadata))
+                                    fill_sshs_hashes=any(k.startswith("sshs_") for k in f.metadata),
+                                    hash_in_thread=True)
                 stack.enter_context(w)
                 writers.append((target, w))
                 writer_of.update((k, (w, n)) for k, n in zip(f.keys, f.names))
