@@ -23,8 +23,9 @@ What it does:
    same fp16 output, against the float64 dense target, plus their ratio to the Eckart–Young optimum.
 
 Prints per operation: time (ours, baseline estimate), speed-up, error ratio, peak RSS of ours. ``--threads N``
-gives both methods the same N cores (the baseline as torch intra-op threads, lorasurgery as N parallel module
-workers with one intra-op thread each); the default lets each use every core its own way. Timings on a shared
+gives both methods the same N cores: each phase is pinned to N cores (``sched_setaffinity``), the baseline
+runs N torch intra-op threads, lorasurgery N parallel module workers with one intra-op thread each (its input
+hashing thread shares those cores). The default lets each use every core its own way. Timings on a shared
 machine move with its load: the load average is printed with the results.
 """
 from __future__ import annotations
@@ -209,8 +210,8 @@ def main() -> None:
     ap.add_argument("--per-shape", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0,
-                    help="cores for both methods: torch intra-op threads of the baseline and lorasurgery's module "
-                         "workers (0: torch's default threads / one worker per core)")
+                    help="cores for both methods (each phase pinned to them): torch intra-op threads of the baseline "
+                         "and lorasurgery's module workers (0: torch's default threads / one worker per core)")
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--a", type=Path, default=None, help=argparse.SUPPRESS)
@@ -219,6 +220,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+        if args.phase and hasattr(os, "sched_setaffinity"):
+            # both methods on the same N cores: lorasurgery's helper threads (input hashing) share them too
+            os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
     if args.phase in ("resize", "merge"):
         print(json.dumps(phase_ours(args)))
         return
@@ -238,8 +242,9 @@ def main() -> None:
     print(f"inputs: 2 SDXL kohya LoRAs, {n} modules each (real widths), rank {args.rank}, fp16, "
           f"{args.a.stat().st_size / 2**20:.0f} MiB each (written in {time.perf_counter() - t0:.1f} s)")
     print(f"device {args.device}, torch {torch.__version__}, {os.cpu_count()} CPUs; cores per method: "
-          f"{args.threads or 'all'} (baseline: torch intra-op threads; ours: parallel module workers, "
-          f"one intra-op thread each); load average before: {os.getloadavg()[0]:.2f}")
+          f"{args.threads or 'all'}{' (pinned)' if args.threads else ''} (baseline: torch intra-op threads; "
+          f"ours: parallel module workers, one intra-op thread each); load average before: "
+          f"{os.getloadavg()[0]:.2f}")
     rows = []
     for op, rank in (("resize", args.resize_rank), ("merge", args.merge_rank)):
         out = work / f"{op}-r{rank}.safetensors"
