@@ -48,7 +48,7 @@ MAX_HEADER_BYTES = 100_000_000
 _SSHS_WIDTHS = {"sshs_model_hash": 64, "sshs_legacy_hash": 8}
 
 #: Bytes of written tensors that may wait for the output hash thread (``hash_in_thread=True``).
-HASH_BEHIND_BYTES = 1 << 28
+HASH_BEHIND_BYTES = 1 << 26
 
 
 def _fallocate(fd: int, size: int) -> int:

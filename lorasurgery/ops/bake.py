@@ -85,9 +85,10 @@ OUTPUT_DTYPES = ("keep", "fp16", "bf16", "fp32")
 CHUNK_ELEMENTS = 1 << 20
 #: Bytes of base tensors the reader thread may read ahead of the computation, and of results that may wait
 #: for the writer thread (at least one tensor each): runs ahead over many small tensors, never piles up
-#: large ones (peak memory stays under 1.5 GB plus the largest tensor; ``tests/benchmarks/bench_bake.py``).
-READ_AHEAD_BYTES = 1 << 28
-WRITE_BEHIND_BYTES = 1 << 28
+#: large ones. With the writer's 64 MiB hash queue, at most about 320 MiB wait besides the few tensors the
+#: threads hold (measured peak RSS 1.15 GiB baking a 4.9 GiB FLUX-width file; ``tests/benchmarks/bench_bake.py``).
+READ_AHEAD_BYTES = 1 << 27
+WRITE_BEHIND_BYTES = 1 << 27
 #: The precision checks of a tensor look at every row up to this many elements, else at every k-th row
 #: (about this many elements, scaled up): exact on small tensors, cheap estimates on large ones.
 SAMPLE_ELEMENTS = 1 << 16
@@ -1193,7 +1194,7 @@ def execute(plan: BakePlan, progress: Callable[[int, int], None] | None = None) 
 
     Stages overlap: a reader thread (sequential reads + the base's SHA-256), the computation in the
     calling thread, a writer thread (writes) and a hash thread (the output's SHA-256); each hand-off holds
-    at most 256 MiB (or one tensor). On the CPU the computation leaves those three threads a core each: torch's
+    at most 64-128 MiB (or one tensor). On the CPU the computation leaves those three threads a core each: torch's
     intra-op pool is limited to the remaining cores (one on a 2-core machine), or its idle threads spin
     on the cores the pipeline needs.
     """
