@@ -87,8 +87,8 @@ def write_lora(path: str | Path, items: Mapping[Target, Delta], table: ModelTabl
         meta.update(extra_metadata)
     specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors]
     with StreamingWriter(path, specs, meta, overwrite=overwrite, inputs=[i["path"] for i in inputs],
-                         fill_sshs_hashes=True) as w:
-        for n, t in tensors:
+                         fill_sshs_hashes=True, hash_in_thread=True) as w:
+        for n, t in tensors:  # built above and never changed: safe to hash in the writer's thread
             w.write(n, t)
     return LoraOutput(path, w.model_hash or "", len(tensors), len(ranks), path.stat().st_size,
                       list(dropped or []), dict(w.metadata))
