@@ -47,3 +47,11 @@ def test_clear_releases_a_waiting_producer():
     q.clear()
     t.join(5)
     assert got == [True] and q.get() == "y"
+
+
+def test_a_stopped_producer_appends_nothing():
+    q = ByteQueue(100)
+    stop = threading.Event()
+    stop.set()
+    assert q.put("x", 1, stop=stop) is False
+    assert q.put("y", 1) and q.get() == "y"

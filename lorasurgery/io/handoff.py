@@ -21,8 +21,10 @@ class ByteQueue:
         self._cv = threading.Condition()
 
     def put(self, item: Any, nbytes: int = 0, stop: threading.Event | None = None) -> bool:
-        """Append ``item``; returns False without appending when ``stop`` is set while waiting."""
+        """Append ``item``; returns False without appending when ``stop`` is set (before or while waiting)."""
         with self._cv:
+            if stop is not None and stop.is_set():
+                return False
             while self._items and self._bytes + nbytes > self.limit:
                 if stop is not None and stop.is_set():
                     return False

@@ -1194,9 +1194,9 @@ def execute(plan: BakePlan, progress: Callable[[int, int], None] | None = None) 
 
     Stages overlap: a reader thread (sequential reads + the base's SHA-256), the computation in the
     calling thread, a writer thread (writes) and a hash thread (the output's SHA-256); each hand-off holds
-    at most 64-128 MiB (or one tensor). On the CPU the computation leaves those three threads a core each: torch's
-    intra-op pool is limited to the remaining cores (one on a 2-core machine), or its idle threads spin
-    on the cores the pipeline needs.
+    at most 64-128 MiB (or one tensor). On the CPU the computation leaves those three threads a core each:
+    torch's intra-op pool is limited to the remaining cores (one on a 2-core machine), or its idle threads
+    spin on the cores the pipeline needs.
     """
     t0 = time.perf_counter()
     stats = _Stats()
