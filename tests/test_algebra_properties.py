@@ -182,3 +182,77 @@ def test_convert_round_trip_is_exact(arch, data):
         back = dense_by_module(table, read_items(b.output, table))
     assert_dense_equal(mid, ref, rtol=1e-6)
     assert_dense_equal(back, ref, rtol=1e-6)
+
+
+@st.composite
+def hard_factors(draw):
+    """float32 ``(B, A)`` stacks that stress the factored truncation: tall or wide ΔW, columns of B or rows
+    of A scaled over up to seven decades, duplicated (rank-deficient) columns, nearly cancelling pairs."""
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    m, n = draw(st.sampled_from([(96, 40), (40, 96), (64, 64), (120, 20)]))
+    r = draw(st.integers(2, 24))
+    B = torch.randn(m, r, generator=g, dtype=torch.float64)
+    A = torch.randn(r, n, generator=g, dtype=torch.float64)
+    decades = draw(st.floats(0.0, 7.0))
+    scale = torch.logspace(0, -decades, r, dtype=torch.float64)
+    if draw(st.booleans()):
+        B = B * scale
+    else:
+        A = A * scale[:, None]
+    tweak = draw(st.sampled_from(["none", "duplicate", "cancel"]))
+    if tweak != "none" and r >= 4:
+        h = r // 2
+        if tweak == "duplicate":
+            B[:, h:2 * h] = B[:, :h]
+        else:  # the second half nearly undoes the first: a difference LoRA of two close LoRAs
+            B[:, h:2 * h] = -B[:, :h] * (1 + 1e-3 * torch.randn(m, h, generator=g, dtype=torch.float64))
+            A[h:2 * h] = A[:h] + 1e-3 * torch.randn(h, n, generator=g, dtype=torch.float64)
+    # B column-major as the merge stacks it
+    return B.float().mT.contiguous().mT, A.float().contiguous()
+
+
+@given(factors=hard_factors(), data=st.data())
+@settings(max_examples=60, deadline=None)
+def test_factored_truncation_is_optimal_on_hard_factors(factors, data):
+    """Eckart–Young optimal (ratio ≤ 1.0001) wherever the optimum lies above float32 rounding, within that
+    rounding otherwise, and lossless at full rank, on the Gram/Householder path and its two-sided fallback
+    alike. float32 rounding is relative to ‖B‖·‖A‖, not ‖ΔW‖: cancelling terms (a difference of two close
+    LoRAs) lose their common part to the rounding of the factors themselves."""
+    from lorasurgery.ops.algebra import factored_truncation
+
+    B, A = factors
+    W = B.double() @ A.double()
+    s = torch.linalg.svdvals(W)
+    cap = min(B.shape[0], A.shape[1], B.shape[1])
+    k = data.draw(st.integers(1, cap))
+    res = factored_truncation(B, A, "fixed", float(k), k)
+    assert res is not None
+    up, down, got_k, retained = res
+    assert got_k == k and up.shape == (B.shape[0], k) and down.shape == (k, A.shape[1])
+    err = float((W - up.double() @ down.double()).norm())
+    opt = float(s[k:].square().sum().sqrt())
+    floor = 1e-6 * float(B.double().norm() * A.double().norm())  # about ten float32 ε
+    assert err <= max(1.0001 * opt, opt + floor), (err, opt, floor)
+    full = factored_truncation(B, A, "fixed", float(cap), cap)
+    assert float((W - full[0].double() @ full[1].double()).norm()) <= floor
+
+
+def test_rank_beyond_the_numerical_rank_takes_the_two_sided_path(monkeypatch):
+    """A kept σ near zero (here: duplicated columns, rank asked = columns) would be divided by; the module is
+    then computed with both singular bases from reflectors, and the result is still ΔW itself."""
+    import lorasurgery.ops.algebra as alg
+
+    g = torch.Generator().manual_seed(3)
+    up = torch.randn(50, 4, generator=g)
+    B = torch.cat([up, up], 1).mT.contiguous().mT
+    A = torch.randn(8, 30, generator=g)
+    calls = []
+    real = alg._two_sided_truncation
+    monkeypatch.setattr(alg, "_two_sided_truncation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    up_k, down_k, k, _ = alg.factored_truncation(B, A, "fixed", 8.0, 8)
+    W = B.double() @ A.double()
+    assert calls and k == 8
+    assert float((W - up_k.double() @ down_k.double()).norm()) <= 1e-6 * float(W.norm())
+    calls.clear()
+    alg.factored_truncation(B, A, "fixed", 4.0, 4)  # within the numerical rank: the one-sided path
+    assert not calls

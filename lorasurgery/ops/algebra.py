@@ -7,9 +7,9 @@ Every operation here reads LoRAs, combines them module by module and writes one 
   weight × block weight × alpha/rank is folded into its factors with the balanced √|c| split and the ranks
   are concatenated (``math.md`` §3); each merged module has scale 1 at its total rank before the writer's
   alpha policy (one alpha for the file, the rest folded). ``svd`` gives the optimal rank-N (or rank-rule)
-  truncation of the sum, computed from the factors (Householder QR of the stacked ups and downs, eigen-
-  decomposition of the small core's Gram matrix in float64; ``math.md`` §5) so no dense ΔW is formed when
-  every contribution is low-rank. LoHa, LoKr and full diffs are densified and truncated with
+  truncation of the sum, computed from the factors (Householder QR of the shorter stacked factor, the float64
+  Gram matrix of the longer one, eigendecomposition of a small float64 core; ``math.md`` §5; see
+  :func:`factored_truncation`) so no dense ΔW is formed when every contribution is low-rank. LoHa, LoKr and full diffs are densified and truncated with
   :func:`lorasurgery.linalg.svd_for_rank` (exact or randomized, on ``device``).
 * :func:`subtract` — ``ΔB − ΔA`` (``math.md`` §4): :func:`merge_loras` with weights (+1, −1).
 * :func:`resize` — optimal truncation of one LoRA per module, from its factors; metadata kept.
@@ -78,6 +78,8 @@ RELEASE_BYTES = 64 << 20
 #: Smallest σ_k/σ_1 for which :func:`factored_truncation` forms one side as ΔW·v/σ (rounding of ΔW·v is
 #: about float32 ε·σ_1 per component, harmless to the product; the bound only keeps factors from blowing up).
 _ONE_SIDED = 1e-10
+#: Row block of :func:`_gram` (two blocks for the 256 stacked columns of a merge of two rank-128 LoRAs).
+_GRAM_BLOCK = 128
 #: Singular values at or below this count as zero (an empty module).
 _SIGMA_ZERO = float(torch.finfo(torch.float32).tiny)
 
@@ -786,18 +788,79 @@ def _apply_q(a: torch.Tensor, tau: torch.Tensor, Y: torch.Tensor) -> torch.Tenso
     return torch.ormqr(a, tau, Y)
 
 
+def _gram(X: torch.Tensor) -> torch.Tensor:
+    """``X Xᵀ`` in float64 for a float32 ``X`` (p, L), p small.
+
+    Products of float32 values are exact in float64, so the Gram matrix carries float64 rounding only (a
+    float64 Gram method, ``math.md`` §6.1 and §10). It is built from ``_GRAM_BLOCK``-row blocks of its upper
+    triangle and mirrored, three quarters of the work of one full product for p = 256.
+    """
+    Xd = X.double()
+    p, nb = Xd.shape[0], _GRAM_BLOCK
+    if p <= nb:
+        return Xd @ Xd.mT
+    G = Xd.new_empty(p, p)
+    for i in range(0, p, nb):
+        blk = Xd[i:i + nb] @ Xd[i:].mT
+        G[i:i + nb, i:] = blk
+        G[i + nb:, i:i + nb] = blk[:, nb:].mT
+    return G
+
+
 def factored_truncation(B: torch.Tensor, A: torch.Tensor, method: str, param: float, max_rank: int | None
                         ) -> tuple[torch.Tensor, torch.Tensor, int, float] | None:
     """Optimal truncation of ``B @ A`` from its factors (``math.md`` §5): (up, down, rank, retained).
 
-    The decomposition of :func:`lorasurgery.linalg.svd_factored` — Householder QR of ``B`` and ``Aᵀ``,
-    decomposition of the small core ``C = R_b R_aᵀ`` (float64, on the CPU; :func:`_core_svd`) — but
-    Q is never formed and only the kept triplets are: ``U_k = Q_b U_c[:, :k]`` and ``V_k = Q_a V_c[:, :k]``
-    are applied from the Householder reflectors, so the cost is two QR factorisations plus
-    ``O((m + n)·R·k)``. The rank rule sees the whole spectrum with the exact totals ``‖C‖_F² = ‖ΔW‖_F²``
-    and ``Σσ``. Signs are canonicalised on the kept vectors and Σ is split √Σ into both factors. Returns
-    None when ΔW is zero. ``B`` and ``A`` are float32 on the compute device, as are the results. Raises
-    :class:`InputError` for non-finite factors.
+    The shorter side gets a Householder QR (``Aᵀ = Q_a R_a`` when ``B`` has at least as many rows as ``A``
+    has columns, else ``B = Q_b R_b``) and the longer side only its float64 Gram matrix (:func:`_gram`), about
+    half the cost of a second QR. For a tall ΔW, ``ΔW = B R_aᵀ Q_aᵀ``, so the right singular vectors are
+    ``Q_a e_i`` with ``e_i`` the eigenvectors of the small float64 ``H = R_a (BᵀB) R_aᵀ`` (eigenvalues σ_i²;
+    ``trace H = ‖ΔW‖_F²``); a wide ΔW is the mirror image with ``H = R_b (AAᵀ) R_bᵀ``. Only the kept vectors
+    are formed: ``V_k = Q_a E_k`` from the reflectors, and the other side as ``U_k = ΔW V_k / σ`` (two thin
+    GEMMs), so the result is exactly ΔW projected on the kept singular subspace (lossless at full rank). The
+    rank rule sees the whole spectrum with the exact totals. When the smallest kept σ is below
+    ``_ONE_SIDED``·σ_1 (a rank beyond the numerical rank), the division by σ would amplify rounding, and the
+    module is computed by :func:`_two_sided_truncation` instead. Signs are canonicalised on the kept vectors
+    and Σ is split √Σ into both factors. Returns None when ΔW is zero. ``B`` and ``A`` are float32 on the
+    compute device, as are the results. Raises :class:`InputError` for non-finite factors.
+    """
+    tall = B.shape[0] >= A.shape[1]
+    a, tau, R = _householder(A.mT if tall else B)
+    G = _gram(B.mT if tall else A)
+    R = R.double()
+    H = (R @ G @ R.mT).cpu()
+    energy = float(H.diagonal().sum())
+    if not math.isfinite(energy):  # float32 factors cannot overflow a float64 Gram matrix: a NaN or Inf
+        raise InputError("non-finite factors")
+    lam, E = torch.linalg.eigh(H)
+    S = lam.flip(0).clamp_min(0).sqrt()
+    k = select_rank(S, method, param, max_rank=max_rank, total_energy=energy, total_nuclear=float(S.sum()),
+                    complete=True)
+    if k == 0:
+        return None
+    if not float(S[k - 1]) > _ONE_SIDED * float(S[0]):
+        return _two_sided_truncation(B, A, method, param, max_rank)
+    dev, dt = B.device, B.dtype
+    sk = S[:k].to(dev, dt)
+    Y = _apply_q(a, tau, E[:, -k:].flip(1).to(dev, dt))
+    if tall:
+        V = Y
+        U = (B @ (A @ V)) / sk
+    else:
+        U = Y
+        V = (A.mT @ (B.mT @ U)) / sk
+    U, Vh = canonicalize_signs(U, V.mT)
+    up, down = truncate(U, sk, Vh, k)
+    return up, down, k, retained_fraction(S, k, energy)
+
+
+def _two_sided_truncation(B: torch.Tensor, A: torch.Tensor, method: str, param: float, max_rank: int | None
+                          ) -> tuple[torch.Tensor, torch.Tensor, int, float] | None:
+    """:func:`factored_truncation` for ranks beyond the numerical rank: both singular bases orthonormal.
+
+    Householder QR of ``B`` and ``Aᵀ``, decomposition of the small core ``C = R_b R_aᵀ`` (:func:`_core_svd`,
+    float64 on the CPU), and ``U_k = Q_b U_c[:, :k]``, ``V_k = Q_a V_c[:, :k]`` both applied from the
+    reflectors, so no division by a near-zero σ.
     """
     ab, tb, Rb = _householder(B)
     aa, ta, Ra = _householder(A.mT)
@@ -808,20 +871,8 @@ def factored_truncation(B: torch.Tensor, A: torch.Tensor, method: str, param: fl
     if k == 0:
         return None
     dev, dt = B.device, B.dtype
-    if float(S[k - 1]) > _ONE_SIDED * float(S[0]):
-        # one side from its reflectors, the other as ΔW v / σ (two thin GEMMs, cheaper than a second ormqr
-        # on the longer side); the product is still exactly ΔW projected on the kept singular subspace
-        sk = S[:k].to(dev, dt)
-        if B.shape[0] >= A.shape[1]:
-            V = _apply_q(aa, ta, Vc(k).to(dev, dt))
-            U = (B @ (A @ V)) / sk
-        else:
-            U = _apply_q(ab, tb, Uc(k).to(dev, dt))
-            V = (A.mT @ (B.mT @ U)) / sk
-        Vh = V.mT
-    else:  # tiny σ_k: both sides from the orthonormal bases (no division by a near-zero σ)
-        U = _apply_q(ab, tb, Uc(k).to(dev, dt))
-        Vh = _apply_q(aa, ta, Vc(k).to(dev, dt)).mT
+    U = _apply_q(ab, tb, Uc(k).to(dev, dt))
+    Vh = _apply_q(aa, ta, Vc(k).to(dev, dt)).mT
     U, Vh = canonicalize_signs(U, Vh)
     up, down = truncate(U, S[:k].to(dev, dt), Vh, k)
     return up, down, k, retained_fraction(S, k, energy)
