@@ -207,8 +207,13 @@ def hard_factors(draw):
         else:  # the second half nearly undoes the first: a difference LoRA of two close LoRAs
             B[:, h:2 * h] = -B[:, :h] * (1 + 1e-3 * torch.randn(m, h, generator=g, dtype=torch.float64))
             A[h:2 * h] = A[:h] + 1e-3 * torch.randn(h, n, generator=g, dtype=torch.float64)
-    # B column-major as the merge stacks it
-    return B.float().mT.contiguous().mT, A.float().contiguous()
+    B, A = B.float().mT.contiguous().mT, A.float().contiguous()  # B column-major, as _stack makes it
+    if draw(st.booleans()):  # or the longer side float64 and row-major, as _stack(long_float64=True) does
+        if m >= n:
+            B = B.double().contiguous()
+        else:
+            A = A.double()
+    return B, A
 
 
 @given(factors=hard_factors(), data=st.data())
@@ -221,7 +226,7 @@ def test_factored_truncation_is_optimal_on_hard_factors(factors, data):
     from lorasurgery.ops.algebra import factored_truncation
 
     B, A = factors
-    W = B.double() @ A.double()
+    W = B.double() @ A.double()  # float32 values: exact in float64 whatever the stack's dtype
     s = torch.linalg.svdvals(W)
     cap = min(B.shape[0], A.shape[1], B.shape[1])
     k = data.draw(st.integers(1, cap))
@@ -229,6 +234,7 @@ def test_factored_truncation_is_optimal_on_hard_factors(factors, data):
     assert res is not None
     up, down, got_k, retained = res
     assert got_k == k and up.shape == (B.shape[0], k) and down.shape == (k, A.shape[1])
+    assert up.dtype == down.dtype == torch.float32
     err = float((W - up.double() @ down.double()).norm())
     opt = float(s[k:].square().sum().sqrt())
     floor = 1e-6 * float(B.double().norm() * A.double().norm())  # about ten float32 ε

@@ -652,22 +652,32 @@ def _term(d: deltas.LowRank, balance: bool) -> _Term:
     return _Term(up, down, root, math.copysign(root, c))
 
 
-def _stack(terms: Sequence[_Term], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 ``B = [cb_1·up_1 | …]`` and ``A = [ca_1·down_1; …]`` on ``device``, so ``B @ A = Σ terms``.
+def _stack(terms: Sequence[_Term], device: torch.device | str = "cpu", *, long_float64: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B = [cb_1·up_1 | …]`` and ``A = [ca_1·down_1; …]`` on ``device``, so ``B @ A = Σ terms``.
 
-    ``B`` is stored column-major (``A`` row-major, so ``Aᵀ`` is column-major too): LAPACK's QR then works on
-    them without a transposed copy (about twice as fast for tall factors).
+    Both float32 by default, ``B`` stored column-major (``A`` row-major, so ``Aᵀ`` is column-major too):
+    LAPACK's QR then works on them without a transposed copy (about twice as fast for tall factors).
+    ``long_float64`` lays the stacks out for :func:`factored_truncation`: the longer side (``B`` when it has
+    at least as many rows as ``A`` has columns) is float64 and row-major, which its Gram matrix needs and
+    which copies the stored factors without a transpose; the shorter side stays float32 for its QR.
     """
     rows, cols = terms[0].up.shape[0], terms[0].down.shape[1]
     R = sum(t.up.shape[1] for t in terms)
-    B = torch.empty(R, rows, dtype=torch.float32, device=device).mT
-    A = torch.empty(R, cols, dtype=torch.float32, device=device)
+    tall = rows >= cols
+    if long_float64 and tall:
+        B = torch.empty(rows, R, dtype=torch.float64, device=device)
+    else:
+        B = torch.empty(R, rows, dtype=torch.float32, device=device).mT
+    A = torch.empty(R, cols, dtype=torch.float64 if long_float64 and not tall else torch.float32, device=device)
     off = 0
     for t in terms:
         r = t.up.shape[1]
-        # up is transposed in its own dtype, then converted: torch's same-dtype transposing copy is blocked,
-        # a converting one is not (5× slower for a 10240-row fp16 up)
-        up = t.up if t.up.dtype == torch.float32 else t.up.mT.contiguous().mT
+        up = t.up
+        if B.stride(0) == 1 and up.dtype != B.dtype:
+            # up is transposed in its own dtype, then converted: torch's same-dtype transposing copy is
+            # blocked, a converting one is not (5× slower for a 10240-row fp16 up)
+            up = up.mT.contiguous().mT
         for dst, src, c in ((B[:, off:off + r], up, t.cb), (A[off:off + r], t.down, t.ca)):
             dst.copy_(src)
             if c != 1.0:
@@ -821,11 +831,12 @@ def factored_truncation(B: torch.Tensor, A: torch.Tensor, method: str, param: fl
     rank rule sees the whole spectrum with the exact totals. When the smallest kept σ is below
     ``_ONE_SIDED``·σ_1 (a rank beyond the numerical rank), the division by σ would amplify rounding, and the
     module is computed by :func:`_two_sided_truncation` instead. Signs are canonicalised on the kept vectors
-    and Σ is split √Σ into both factors. Returns None when ΔW is zero. ``B`` and ``A`` are float32 on the
-    compute device, as are the results. Raises :class:`InputError` for non-finite factors.
+    and Σ is split √Σ into both factors. Returns None when ΔW is zero. ``B`` and ``A`` are on the compute
+    device, float32 or float64 (:func:`_stack` makes the longer side float64, which its Gram matrix needs
+    anyway); the results are float32. Raises :class:`InputError` for non-finite factors.
     """
     tall = B.shape[0] >= A.shape[1]
-    a, tau, R = _householder(A.mT if tall else B)
+    a, tau, R = _householder((A.mT if tall else B).float())
     G = _gram(B.mT if tall else A)
     R = R.double()
     H = (R @ G @ R.mT).cpu()
@@ -839,18 +850,18 @@ def factored_truncation(B: torch.Tensor, A: torch.Tensor, method: str, param: fl
     if k == 0:
         return None
     if not float(S[k - 1]) > _ONE_SIDED * float(S[0]):
-        return _two_sided_truncation(B, A, method, param, max_rank)
-    dev, dt = B.device, B.dtype
-    sk = S[:k].to(dev, dt)
+        return _two_sided_truncation(B.float(), A.float(), method, param, max_rank)
+    dev, dt = B.device, torch.float32
     Y = _apply_q(a, tau, E[:, -k:].flip(1).to(dev, dt))
+    sk = S[:k].to(dev)
     if tall:
         V = Y
-        U = (B @ (A @ V)) / sk
+        U = ((B @ (A @ V).to(B.dtype)) / sk.to(B.dtype)).to(dt)
     else:
         U = Y
-        V = (A.mT @ (B.mT @ U)) / sk
+        V = ((A.mT @ (B.mT @ U).to(A.dtype)) / sk.to(A.dtype)).to(dt)
     U, Vh = canonicalize_signs(U, V.mT)
-    up, down = truncate(U, sk, Vh, k)
+    up, down = truncate(U, sk.to(dt), Vh, k)
     return up, down, k, retained_fraction(S, k, energy)
 
 
@@ -921,7 +932,7 @@ def _truncate(mod: ModuleSpec, unit: _Unit, in_flat: int, rule: RankRule, *, dev
             param = float(cap)
     try:
         if not unit.dense:
-            B, A = _stack(unit.terms, device)
+            B, A = _stack(unit.terms, device, long_float64=True)
             res = factored_truncation(B, A, method, param, max_rank)
             if res is None:
                 return None, 0, 1.0, "factored svd"
