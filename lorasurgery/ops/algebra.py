@@ -652,24 +652,23 @@ def _term(d: deltas.LowRank, balance: bool) -> _Term:
     return _Term(up, down, root, math.copysign(root, c))
 
 
-def _stack(terms: Sequence[_Term], device: torch.device | str = "cpu", *, long_float64: bool = False
+def _stack(terms: Sequence[_Term], device: torch.device | str = "cpu", *, long_row_major: bool = False
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``B = [cb_1·up_1 | …]`` and ``A = [ca_1·down_1; …]`` on ``device``, so ``B @ A = Σ terms``.
+    """Float32 ``B = [cb_1·up_1 | …]`` and ``A = [ca_1·down_1; …]`` on ``device``, so ``B @ A = Σ terms``.
 
-    Both float32 by default, ``B`` stored column-major (``A`` row-major, so ``Aᵀ`` is column-major too):
-    LAPACK's QR then works on them without a transposed copy (about twice as fast for tall factors).
-    ``long_float64`` lays the stacks out for :func:`factored_truncation`: the longer side (``B`` when it has
-    at least as many rows as ``A`` has columns) is float64 and row-major, which its Gram matrix needs and
-    which copies the stored factors without a transpose; the shorter side stays float32 for its QR.
+    ``B`` is stored column-major by default (``A`` row-major, so ``Aᵀ`` is column-major too): LAPACK's QR
+    then works on them without a transposed copy (about twice as fast for tall factors).
+    ``long_row_major`` lays the stacks out for :func:`factored_truncation`, which needs a QR of the shorter
+    side only: ``B`` is then row-major (the stored ups' own layout, copied without a transpose) when it is
+    the longer side, i.e. has at least as many rows as ``A`` has columns.
     """
     rows, cols = terms[0].up.shape[0], terms[0].down.shape[1]
     R = sum(t.up.shape[1] for t in terms)
-    tall = rows >= cols
-    if long_float64 and tall:
-        B = torch.empty(rows, R, dtype=torch.float64, device=device)
+    if long_row_major and rows >= cols:
+        B = torch.empty(rows, R, dtype=torch.float32, device=device)
     else:
         B = torch.empty(R, rows, dtype=torch.float32, device=device).mT
-    A = torch.empty(R, cols, dtype=torch.float64 if long_float64 and not tall else torch.float32, device=device)
+    A = torch.empty(R, cols, dtype=torch.float32, device=device)
     off = 0
     for t in terms:
         r = t.up.shape[1]
@@ -831,12 +830,12 @@ def factored_truncation(B: torch.Tensor, A: torch.Tensor, method: str, param: fl
     rank rule sees the whole spectrum with the exact totals. When the smallest kept σ is below
     ``_ONE_SIDED``·σ_1 (a rank beyond the numerical rank), the division by σ would amplify rounding, and the
     module is computed by :func:`_two_sided_truncation` instead. Signs are canonicalised on the kept vectors
-    and Σ is split √Σ into both factors. Returns None when ΔW is zero. ``B`` and ``A`` are on the compute
-    device, float32 or float64 (:func:`_stack` makes the longer side float64, which its Gram matrix needs
-    anyway); the results are float32. Raises :class:`InputError` for non-finite factors.
+    and Σ is split √Σ into both factors. Returns None when ΔW is zero. ``B`` and ``A`` are float32 on the
+    compute device (any layout; :func:`_stack` with ``long_row_major`` makes the cheapest one), as are the
+    results. Raises :class:`InputError` for non-finite factors.
     """
     tall = B.shape[0] >= A.shape[1]
-    a, tau, R = _householder((A.mT if tall else B).float())
+    a, tau, R = _householder(A.mT if tall else B)
     G = _gram(B.mT if tall else A)
     R = R.double()
     H = (R @ G @ R.mT).cpu()
@@ -850,16 +849,17 @@ def factored_truncation(B: torch.Tensor, A: torch.Tensor, method: str, param: fl
     if k == 0:
         return None
     if not float(S[k - 1]) > _ONE_SIDED * float(S[0]):
-        return _two_sided_truncation(B.float(), A.float(), method, param, max_rank)
+        return _two_sided_truncation(B, A, method, param, max_rank)
     dev, dt = B.device, torch.float32
     Y = _apply_q(a, tau, E[:, -k:].flip(1).to(dev, dt))
     sk = S[:k].to(dev)
+    # ΔW·v/σ as B·((A·v)/σ): the division runs on the small (R, k) product, not on the long side
     if tall:
         V = Y
-        U = ((B @ (A @ V).to(B.dtype)) / sk.to(B.dtype)).to(dt)
+        U = B @ ((A @ V).double() / sk).to(dt)
     else:
         U = Y
-        V = ((A.mT @ (B.mT @ U).to(A.dtype)) / sk.to(A.dtype)).to(dt)
+        V = A.mT @ ((B.mT @ U).double() / sk).to(dt)
     U, Vh = canonicalize_signs(U, V.mT)
     up, down = truncate(U, sk.to(dt), Vh, k)
     return up, down, k, retained_fraction(S, k, energy)
@@ -932,7 +932,7 @@ def _truncate(mod: ModuleSpec, unit: _Unit, in_flat: int, rule: RankRule, *, dev
             param = float(cap)
     try:
         if not unit.dense:
-            B, A = _stack(unit.terms, device, long_float64=True)
+            B, A = _stack(unit.terms, device, long_row_major=True)
             res = factored_truncation(B, A, method, param, max_rank)
             if res is None:
                 return None, 0, 1.0, "factored svd"
