@@ -9,8 +9,9 @@ Every operation here reads LoRAs, combines them module by module and writes one 
   alpha policy (one alpha for the file, the rest folded). ``svd`` gives the optimal rank-N (or rank-rule)
   truncation of the sum, computed from the factors (Householder QR of the shorter stacked factor, the float64
   Gram matrix of the longer one, eigendecomposition of a small float64 core; ``math.md`` §5; see
-  :func:`factored_truncation`) so no dense ΔW is formed when every contribution is low-rank. LoHa, LoKr and full diffs are densified and truncated with
-  :func:`lorasurgery.linalg.svd_for_rank` (exact or randomized, on ``device``).
+  :func:`factored_truncation`) so no dense ΔW is formed when every contribution is low-rank. LoHa, LoKr
+  and full diffs are densified and truncated with :func:`lorasurgery.linalg.svd_for_rank` (exact or
+  randomized, on ``device``).
 * :func:`subtract` — ``ΔB − ΔA`` (``math.md`` §4): :func:`merge_loras` with weights (+1, −1).
 * :func:`resize` — optimal truncation of one LoRA per module, from its factors; metadata kept.
 * :func:`convert` — the same ΔW in another key convention (kohya ⇄ PEFT, fused ⇄ split, swapped halves),
